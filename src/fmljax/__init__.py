@@ -1,0 +1,65 @@
+"""fmljax: federated meta-learning in JAX.
+
+Exact second-order MAML, first-order and Hessian-free MAML, Reptile, Meta-SGD and prototypical
+networks as pure functions of PyTrees (:mod:`fmljax.meta`), and FedAvg, FedMeta, Per-FedAvg and
+FedReptile as one-jit rounds (:mod:`fmljax.federated`).
+"""
+
+from fmljax import data, federated, losses, mapping, meta, models
+from fmljax.federated import (
+    ALGORITHMS,
+    FederatedAlgorithm,
+    RoundConfig,
+    ServerState,
+    build,
+    fedavg,
+    fedmeta,
+    fedreptile,
+    perfedavg,
+    scan_rounds,
+)
+from fmljax.losses import classification_metrics, cross_entropy_loss, mse_loss, regression_metrics
+from fmljax.meta import (
+    METHODS,
+    adapt,
+    meta_gradient,
+    prototypical_logits,
+    prototypical_loss,
+    prototypical_metrics,
+)
+from fmljax.models import Model, conv4, logistic_regression, mlp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS",
+    "METHODS",
+    "FederatedAlgorithm",
+    "Model",
+    "RoundConfig",
+    "ServerState",
+    "adapt",
+    "build",
+    "classification_metrics",
+    "conv4",
+    "cross_entropy_loss",
+    "data",
+    "fedavg",
+    "federated",
+    "fedmeta",
+    "fedreptile",
+    "logistic_regression",
+    "losses",
+    "mapping",
+    "meta",
+    "meta_gradient",
+    "mlp",
+    "models",
+    "mse_loss",
+    "perfedavg",
+    "prototypical_logits",
+    "prototypical_loss",
+    "prototypical_metrics",
+    "regression_metrics",
+    "scan_rounds",
+]

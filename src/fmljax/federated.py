@@ -1,0 +1,485 @@
+"""Federated (meta-)learning rounds as pure ``init`` / ``update`` / ``evaluate`` functions.
+
+Algorithms (each a configuration of one round function):
+
+* ``fedavg``: FedAvg (McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks
+  from Decentralized Data", AISTATS); with ``fine_tune=True``, FedAvg + local fine-tuning at
+  evaluation.
+* ``fedmeta-maml``, ``fedmeta-fomaml``, ``fedmeta-metasgd``: FedMeta (Chen, Luo, Dong, Li &
+  He, 2018, "Federated Meta-Learning with Fast Convergence and Efficient Communication").
+* ``perfedavg-fo``, ``perfedavg-hf``, ``perfedavg-so``: Per-FedAvg (Fallah, Mokhtari &
+  Ozdaglar, 2020, NeurIPS) with first-order, Hessian-free (finite-difference Hessian-vector
+  product on an independent batch) and exact second-order meta-gradients.
+* ``fedreptile``: Reptile as the server step (Jiang, Konecny, Rush & Kannan, 2019, "Improving
+  Federated Learning Personalization via Model Agnostic Meta Learning").
+
+One round, ``update(state, key, data) -> (state, metrics)``:
+
+1. sample ``clients_per_round`` (M) of the C clients of ``data`` without replacement;
+2. every sampled client runs ``local_steps`` (S) local steps under ``lax.scan``; each step
+   draws ``tasks_per_client`` (T) tasks from the client's data, computes a per-task
+   (meta-)gradient (mapped over T), averages it and takes an SGD step of rate ``local_lr``;
+3. each client's update ``delta = start - end`` is averaged with weights proportional to the
+   client's ``num_examples`` (only over clients that participated);
+4. the server optimiser (optax) treats the average delta as a gradient: FedAvg's model
+   average is ``optax.sgd(1.0)``; FedAdam is ``server_optimizer=optax.adam(lr)``.
+
+FedAvg's client draws its round data once (T tasks, support and query together) and runs S
+full-batch gradient steps on it (McMahan et al.'s B = infinity, E = S); this is what makes
+``fedreptile`` with server rate 1, one local meta-step and ``inner_steps = S`` the same update
+(Jiang et al.'s observation), which the tests check numerically.
+
+Random keys, a documented contract (the tests rebuild a round with plain Python loops from it)::
+
+    k_sample, k_clients = split(key)
+    clients     = choice(k_sample, C, (M,), replace=False)
+    client_keys = split(k_clients, M)
+    step key    = fold_in(client_key, s)               s = 0 .. S-1
+    task keys   = split(step_key, T)
+    task        = sample_task(task_key, client_data)  -> (support, query)
+    Hessian batch of perfedavg-hf = sample_task(fold_in(task_key, 1), client_data).support
+
+``jit`` is applied by the caller (the runner, a benchmark, a test): ``jax.jit(alg.update,
+donate_argnums=0)`` compiles the whole round into one program; data of the same shapes and a
+new key do not retrace.
+
+Shapes: C clients in ``data``, M sampled per round, S local steps, T tasks per client,
+K support and Q query examples per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fmljax.mapping import map_over, validate_map_mode
+from fmljax.meta import adapt, meta_gradient
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Params, Batch], jax.Array]
+MetricsFn = Callable[[Params, Batch], dict[str, jax.Array]]
+TaskSampler = Callable[[jax.Array, Any], tuple[Batch, Batch]]
+
+__all__ = [
+    "ALGORITHMS",
+    "FederatedAlgorithm",
+    "RoundConfig",
+    "ServerState",
+    "build",
+    "client_weights",
+    "fedavg",
+    "fedmeta",
+    "fedreptile",
+    "merge_batches",
+    "perfedavg",
+    "scan_rounds",
+]
+
+# name -> (client rule, meta_gradient method or None)
+ALGORITHMS: dict[str, tuple[str, str | None]] = {
+    "fedavg": ("fedavg", None),
+    "fedmeta-maml": ("meta", "maml"),
+    "fedmeta-fomaml": ("meta", "fomaml"),
+    "fedmeta-metasgd": ("meta", "meta-sgd"),
+    "perfedavg-fo": ("meta", "fomaml"),
+    "perfedavg-hf": ("meta", "hf-fd"),
+    "perfedavg-so": ("meta", "maml"),
+    "fedreptile": ("reptile", "reptile"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+    """Static configuration of a round; every field is validated by :meth:`validate`.
+
+    Attributes:
+      clients_per_round: M, clients sampled per round (>= 1, <= C of the data).
+      tasks_per_client: T, tasks each client draws per local step (>= 1).
+      local_steps: S, local (meta-)steps per client per round (>= 1). Per-FedAvg's tau.
+      local_lr: the client's step size (Per-FedAvg's beta; FedMeta's beta with S = 1).
+      inner_lr: the inner (adaptation) rate alpha; Meta-SGD's initial per-parameter rate.
+      inner_steps: inner SGD steps of the meta-learners (>= 0; >= 1 for meta methods).
+      eval_inner_steps: adaptation steps at evaluation; None means ``inner_steps``
+        (0 for plain FedAvg, ``inner_steps`` for FedAvg + fine-tuning).
+      eval_tasks_per_client: tasks per client at evaluation (>= 1).
+      client_map, task_map: how clients / tasks are mapped: 'vmap', 'map', 'chunked', 'unroll'.
+      client_chunk, task_chunk: chunk sizes for 'chunked'.
+      remat: rematerialise inner steps (second-order memory flat in ``inner_steps``).
+      fd_delta: finite-difference step of Per-FedAvg-HF.
+    """
+
+    clients_per_round: int = 10
+    tasks_per_client: int = 4
+    local_steps: int = 1
+    local_lr: float = 1e-3
+    inner_lr: float = 1e-2
+    inner_steps: int = 1
+    eval_inner_steps: int | None = None
+    eval_tasks_per_client: int = 1
+    client_map: str = "vmap"
+    task_map: str = "vmap"
+    client_chunk: int | None = None
+    task_chunk: int | None = None
+    remat: bool = False
+    fd_delta: float = 1e-3
+
+    def validate(self, algorithm: str = "") -> None:
+        """Raise ValueError naming the field, its value and the allowed range."""
+        where = f"{algorithm}: " if algorithm else ""
+
+        def need(cond: bool, field: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(
+                    f"{where}RoundConfig.{field}={getattr(self, field)!r} is invalid: "
+                    f"must be {allowed}"
+                )
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(
+            is_int(self.clients_per_round) and self.clients_per_round >= 1,
+            "clients_per_round",
+            "an int >= 1",
+        )
+        need(
+            is_int(self.tasks_per_client) and self.tasks_per_client >= 1,
+            "tasks_per_client",
+            "an int >= 1",
+        )
+        need(is_int(self.local_steps) and self.local_steps >= 1, "local_steps", "an int >= 1")
+        need(is_int(self.inner_steps) and self.inner_steps >= 0, "inner_steps", "an int >= 0")
+        need(
+            self.eval_inner_steps is None
+            or (is_int(self.eval_inner_steps) and self.eval_inner_steps >= 0),
+            "eval_inner_steps",
+            "None or an int >= 0",
+        )
+        need(
+            is_int(self.eval_tasks_per_client) and self.eval_tasks_per_client >= 1,
+            "eval_tasks_per_client",
+            "an int >= 1",
+        )
+        need(float(self.local_lr) > 0, "local_lr", "> 0")
+        need(float(self.inner_lr) > 0, "inner_lr", "> 0")
+        need(float(self.fd_delta) > 0, "fd_delta", "> 0")
+        validate_map_mode(f"{where}RoundConfig.client_map", self.client_map, self.client_chunk)
+        validate_map_mode(f"{where}RoundConfig.task_map", self.task_map, self.task_chunk)
+
+
+class ServerState(NamedTuple):
+    """The server's state between rounds."""
+
+    params: Params  # the meta-model; for Meta-SGD {'params': theta, 'inner_lr': alpha}
+    opt_state: optax.OptState  # the server optimiser's state
+    round: jax.Array  # [] int32, rounds completed
+
+
+class FederatedAlgorithm(NamedTuple):
+    """``init(params) -> state``; ``update(state, key, data) -> (state, metrics)``;
+    ``evaluate(state, key, data) -> per-client metrics [C]``; ``personalize(meta_params,
+    support) -> params``."""
+
+    name: str
+    config: RoundConfig
+    init: Callable[[Params], ServerState]
+    update: Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]]
+    evaluate: Callable[[ServerState, jax.Array, Any], dict[str, jax.Array]]
+    personalize: Callable[[Params, Batch], Params]
+
+
+def merge_batches(a: Batch, b: Batch) -> Batch:
+    """Concatenate two batches along the example axis (FedAvg and Reptile train on both)."""
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), dict(a), dict(b))
+
+
+def client_weights(data: Any, num_clients: int) -> jax.Array:
+    """Aggregation weights [C]: ``data['num_examples']`` if present, else ones."""
+    float_dtype = jnp.result_type(float)  # float64 when x64 is enabled, else float32
+    if isinstance(data, Mapping) and "num_examples" in data:
+        w = jnp.asarray(data["num_examples"])
+        return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(float_dtype)
+    return jnp.ones((num_clients,), float_dtype)
+
+
+def _mean0(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def _num_clients(data: Any) -> int:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("data: the federated dataset has no arrays")
+    return int(leaves[0].shape[0])
+
+
+def build(
+    name: str,
+    loss_fn: LossFn,
+    sample_task: TaskSampler,
+    config: RoundConfig = RoundConfig(),
+    *,
+    server_optimizer: optax.GradientTransformation | None = None,
+    metrics_fn: MetricsFn | None = None,
+    fine_tune: bool = False,
+) -> FederatedAlgorithm:
+    """Build the federated algorithm ``name`` (a key of :data:`ALGORITHMS`).
+
+    Args:
+      name: algorithm name.
+      loss_fn: ``loss_fn(params, batch) -> scalar`` of the model.
+      sample_task: ``sample_task(key, client_data) -> (support, query)``, pure and jittable.
+      config: the round's static configuration.
+      server_optimizer: optax transformation applied to the averaged client delta; default
+        ``optax.sgd(1.0)`` (FedAvg's model average).
+      metrics_fn: ``metrics_fn(params, batch) -> dict`` used by ``evaluate``; default the loss.
+      fine_tune: FedAvg only: adapt at evaluation (FedAvg + fine-tuning).
+    """
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm={name!r} is not one of {tuple(ALGORITHMS)}")
+    config.validate(name)
+    rule, method = ALGORITHMS[name]
+    if rule == "meta" and config.inner_steps < 1:
+        raise ValueError(
+            f"{name}: RoundConfig.inner_steps={config.inner_steps} is invalid: must be an int "
+            ">= 1 for a meta-learning algorithm"
+        )
+    if fine_tune and name != "fedavg":
+        raise ValueError(f"{name}: fine_tune=True is only for 'fedavg' (the others adapt)")
+    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    metrics_fn = metrics_fn or (lambda p, b: {"loss": loss_fn(p, b)})
+    cfg = config
+    is_metasgd = method == "meta-sgd"
+    if cfg.eval_inner_steps is not None:
+        eval_steps = cfg.eval_inner_steps
+    elif name == "fedavg":
+        eval_steps = cfg.inner_steps if fine_tune else 0
+    else:
+        eval_steps = cfg.inner_steps
+
+    def split_meta(meta_params: Params) -> tuple[Params, Any]:
+        if is_metasgd:
+            return meta_params["params"], meta_params["inner_lr"]
+        return meta_params, cfg.inner_lr
+
+    # ---- per-task (meta-)gradient of one client's local step --------------------------------
+    def task_gradient(meta_params: Params, task_key: jax.Array, client: Any):
+        support, query = sample_task(task_key, client)
+        if rule == "reptile":
+            batch = merge_batches(support, query)
+            return meta_gradient(
+                loss_fn,
+                meta_params,
+                batch,
+                batch,
+                inner_lr=cfg.inner_lr,
+                inner_steps=cfg.inner_steps,
+                method="reptile",
+                remat=cfg.remat,
+            )
+        params, lr = split_meta(meta_params)
+        hessian_batch = None
+        if method == "hf-fd":
+            hessian_batch = sample_task(jax.random.fold_in(task_key, 1), client)[0]
+        loss, grads = meta_gradient(
+            loss_fn,
+            params,
+            support,
+            query,
+            inner_lr=lr,
+            inner_steps=cfg.inner_steps,
+            method=method,
+            hessian_batch=hessian_batch,
+            fd_delta=cfg.fd_delta,
+            remat=cfg.remat,
+        )
+        if is_metasgd:
+            grads = {"params": grads[0], "inner_lr": grads[1]}
+        return loss, grads
+
+    # ---- one client's round -----------------------------------------------------------------
+    def client_update(meta_params: Params, client_key: jax.Array, client: Any):
+        """Returns (delta = start - end, mean query loss over S x T)."""
+        if rule == "fedavg":
+            task_keys = jax.random.split(jax.random.fold_in(client_key, 0), cfg.tasks_per_client)
+            tasks = map_over(
+                lambda k: merge_batches(*sample_task(k, client)),
+                task_keys,
+                cfg.task_map,
+                cfg.task_chunk,
+            )  # [T, K + Q, ...]
+            batch_loss = lambda p: jnp.mean(
+                map_over(lambda b: loss_fn(p, b), tasks, cfg.task_map, cfg.task_chunk)
+            )
+
+            def sgd_step(p, _):
+                loss, g = jax.value_and_grad(batch_loss)(p)
+                return jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g), loss
+
+            end, losses = jax.lax.scan(sgd_step, meta_params, None, length=cfg.local_steps)
+        else:
+
+            def local_step(p, s):
+                task_keys = jax.random.split(
+                    jax.random.fold_in(client_key, s), cfg.tasks_per_client
+                )
+                losses, grads = map_over(
+                    lambda k: task_gradient(p, k, client), task_keys, cfg.task_map, cfg.task_chunk
+                )
+                g = _mean0(grads)
+                return jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g), jnp.mean(losses)
+
+            end, losses = jax.lax.scan(local_step, meta_params, jnp.arange(cfg.local_steps))
+        delta = jax.tree.map(jnp.subtract, meta_params, end)
+        return delta, jnp.mean(losses)
+
+    # ---- the round ----------------------------------------------------------------------------
+    def init(params: Params) -> ServerState:
+        if is_metasgd:
+            meta = {
+                "params": params,
+                "inner_lr": jax.tree.map(lambda p: jnp.full_like(p, cfg.inner_lr), params),
+            }
+        else:
+            meta = params
+        return ServerState(meta, server_optimizer.init(meta), jnp.zeros((), jnp.int32))
+
+    def update(state: ServerState, key: jax.Array, data: Any):
+        num_clients = _num_clients(data)
+        m = cfg.clients_per_round
+        if m > num_clients:
+            raise ValueError(
+                f"{name}: RoundConfig.clients_per_round={m} is invalid: must be <= the number "
+                f"of clients in data ({num_clients})"
+            )
+        k_sample, k_clients = jax.random.split(key)
+        chosen = jax.random.choice(k_sample, num_clients, (m,), replace=False)  # [M]
+        clients = jax.tree.map(lambda x: x[chosen], data)
+        weights = client_weights(data, num_clients)[chosen]  # [M]
+        client_keys = jax.random.split(k_clients, m)
+        deltas, losses = map_over(
+            lambda args: client_update(state.params, *args),
+            (client_keys, clients),
+            cfg.client_map,
+            cfg.client_chunk,
+        )  # [M, ...], [M]
+        w = weights / jnp.sum(weights)
+        delta = jax.tree.map(lambda d: jnp.tensordot(w.astype(d.dtype), d, axes=1), deltas)
+        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": jnp.sum(w * losses),
+            "update_norm": optax.tree.norm(delta),
+        }
+        return ServerState(params, opt_state, state.round + 1), metrics
+
+    # ---- personalised evaluation --------------------------------------------------------------
+    def personalize(meta_params: Params, support: Batch) -> Params:
+        """Adapt the meta-model on a client's support data only (``eval_steps`` SGD steps)."""
+        params, lr = split_meta(meta_params)
+        return adapt(loss_fn, params, support, inner_lr=lr, inner_steps=eval_steps)
+
+    def evaluate(state: ServerState, key: jax.Array, data: Any) -> dict[str, jax.Array]:
+        """Per-client metrics [C] on query data after adapting on support data only.
+
+        Keys: each metric of ``metrics_fn`` after adaptation, and with suffix ``_before`` at
+        the meta-model. Averaged over ``eval_tasks_per_client`` tasks per client.
+        """
+        num_clients = _num_clients(data)
+        keys = jax.random.split(key, num_clients)
+        params0, _ = split_meta(state.params)
+
+        def one_client(args):
+            ckey, client = args
+
+            def one_task(tkey):
+                support, query = sample_task(tkey, client)
+                adapted = personalize(state.params, support)
+                after = metrics_fn(adapted, query)
+                before = metrics_fn(params0, query)
+                return {**after, **{f"{k}_before": v for k, v in before.items()}}
+
+            tkeys = jax.random.split(ckey, cfg.eval_tasks_per_client)
+            return _mean0(map_over(one_task, tkeys, cfg.task_map, cfg.task_chunk))
+
+        return map_over(one_client, (keys, data), cfg.client_map, cfg.client_chunk)
+
+    return FederatedAlgorithm(name, cfg, init, update, evaluate, personalize)
+
+
+def fedavg(
+    loss_fn: LossFn,
+    sample_task: TaskSampler,
+    config: RoundConfig = RoundConfig(),
+    *,
+    fine_tune: bool = False,
+    **kw,
+) -> FederatedAlgorithm:
+    """FedAvg (McMahan et al., 2017); ``fine_tune=True`` adapts at evaluation."""
+    return build("fedavg", loss_fn, sample_task, config, fine_tune=fine_tune, **kw)
+
+
+def fedmeta(
+    loss_fn: LossFn,
+    sample_task: TaskSampler,
+    config: RoundConfig = RoundConfig(),
+    *,
+    method: str = "maml",
+    **kw,
+) -> FederatedAlgorithm:
+    """FedMeta (Chen et al., 2018) with ``method`` in 'maml', 'fomaml', 'metasgd'."""
+    return build(f"fedmeta-{method}", loss_fn, sample_task, config, **kw)
+
+
+def perfedavg(
+    loss_fn: LossFn,
+    sample_task: TaskSampler,
+    config: RoundConfig = RoundConfig(),
+    *,
+    variant: str = "fo",
+    **kw,
+) -> FederatedAlgorithm:
+    """Per-FedAvg (Fallah et al., 2020) with ``variant`` in 'fo', 'hf', 'so'."""
+    return build(f"perfedavg-{variant}", loss_fn, sample_task, config, **kw)
+
+
+def fedreptile(
+    loss_fn: LossFn,
+    sample_task: TaskSampler,
+    config: RoundConfig = RoundConfig(),
+    *,
+    server_lr: float = 1.0,
+    **kw,
+) -> FederatedAlgorithm:
+    """Reptile as the server step (Jiang et al., 2019): ``theta <- theta - server_lr * delta``."""
+    kw.setdefault("server_optimizer", optax.sgd(server_lr))
+    return build("fedreptile", loss_fn, sample_task, config, **kw)
+
+
+def scan_rounds(
+    update: Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]],
+    num_rounds: int,
+) -> Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]]:
+    """``num_rounds`` rounds in one ``lax.scan``: ``(state, key, data) -> (state, metrics [R])``.
+
+    Round ``r`` (counted from ``state.round``) uses the key ``fold_in(key, r)``, the same key a
+    loop of single-round calls with ``fold_in(key, state.round)`` uses, so the two agree and a
+    resumed run samples the same clients. Several rounds per compiled call keep small models
+    from being dominated by dispatch.
+    """
+    if not isinstance(num_rounds, int) or num_rounds < 1:
+        raise ValueError(f"scan_rounds: num_rounds={num_rounds!r} must be an int >= 1")
+
+    def run(state: ServerState, key: jax.Array, data: Any):
+        def body(s, _):
+            return update(s, jax.random.fold_in(key, s.round), data)
+
+        return jax.lax.scan(body, state, None, length=num_rounds)
+
+    return run

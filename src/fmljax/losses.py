@@ -1,0 +1,78 @@
+"""Masked losses and metrics on batches ``{'x': [B, ...], 'y': [B, ...], 'mask': [B]}``.
+
+Every loss here is a mean over the real examples of a batch: an optional ``'mask'`` (1.0 for a
+real example, 0.0 for padding) removes padded examples from the loss, its gradient and the
+metrics, so that clients of unequal size can share one compiled round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = Mapping[str, jax.Array]
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+LossFn = Callable[[Params, Batch], jax.Array]
+MetricsFn = Callable[[Params, Batch], dict[str, jax.Array]]
+
+__all__ = [
+    "classification_metrics",
+    "cross_entropy_loss",
+    "masked_mean",
+    "mse_loss",
+    "regression_metrics",
+]
+
+
+def masked_mean(values: jax.Array, batch: Batch) -> jax.Array:
+    """Mean of per-example ``values`` [B] over the examples whose ``batch['mask']`` is 1."""
+    mask = batch.get("mask")
+    if mask is None:
+        return jnp.mean(values)
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def mse_loss(apply: ApplyFn) -> LossFn:
+    """``loss(params, batch)``: mean squared error of ``apply(params, x)`` against ``y``."""
+
+    def loss(params: Params, batch: Batch) -> jax.Array:
+        pred = apply(params, batch["x"])
+        err = jnp.square(pred - batch["y"].reshape(pred.shape))
+        return masked_mean(err.reshape(err.shape[0], -1).mean(-1), batch)
+
+    return loss
+
+
+def cross_entropy_loss(apply: ApplyFn) -> LossFn:
+    """``loss(params, batch)``: softmax cross-entropy of the logits against integer ``y``."""
+
+    def loss(params: Params, batch: Batch) -> jax.Array:
+        logits = apply(params, batch["x"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        return masked_mean(ce, batch)
+
+    return loss
+
+
+def regression_metrics(apply: ApplyFn) -> MetricsFn:
+    """``metrics(params, batch) -> {'mse': ...}``."""
+    loss = mse_loss(apply)
+    return lambda params, batch: {"mse": loss(params, batch)}
+
+
+def classification_metrics(apply: ApplyFn) -> MetricsFn:
+    """``metrics(params, batch) -> {'loss': ..., 'accuracy': ...}``."""
+
+    def metrics(params: Params, batch: Batch) -> dict[str, jax.Array]:
+        logits = apply(params, batch["x"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        correct = (jnp.argmax(logits, -1) == batch["y"]).astype(logits.dtype)
+        return {"loss": masked_mean(ce, batch), "accuracy": masked_mean(correct, batch)}
+
+    return metrics

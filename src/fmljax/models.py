@@ -1,0 +1,199 @@
+"""Models as pure ``init(key) -> params`` / ``apply(params, x) -> outputs`` pairs.
+
+Parameters are plain nested dicts of arrays, so that ``jax.grad`` can be taken through an
+inner ``jax.grad`` (second-order MAML) and ``vmap``-ed over tasks and clients without any
+framework state. Batch norm in :func:`conv4` follows the MAML reference code (Finn et al.,
+2017, https://github.com/cbfinn/maml): it normalises with the statistics of the batch it is
+given and keeps no running averages, so a task's support and query batches are normalised
+separately ("transductive" batch norm).
+
+Shapes: ``B`` is the example axis of one batch; images are ``[B, H, W, ch]`` (NHWC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a PyTree of arrays
+PRNGKey = jax.Array
+
+__all__ = ["Model", "batch_norm", "conv4", "logistic_regression", "mlp"]
+
+
+class Model(NamedTuple):
+    """A pure model: ``init(key) -> params`` and ``apply(params, x) -> outputs``."""
+
+    init: Callable[[PRNGKey], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+
+
+def _dense_init(key: PRNGKey, fan_in: int, fan_out: int, dtype) -> dict[str, jax.Array]:
+    # Truncated-normal fan-in scaling as in the MAML reference code's fully connected nets.
+    w = jax.random.truncated_normal(key, -2.0, 2.0, (fan_in, fan_out), dtype) * 0.01
+    return {"w": w, "b": jnp.zeros((fan_out,), dtype)}
+
+
+def mlp(
+    sizes: Sequence[int] = (1, 40, 40, 1),
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+    dtype=jnp.float32,
+    init_scale: Literal["maml", "lecun"] = "lecun",
+) -> Model:
+    """A fully connected network; the default 1-40-40-1 ReLU net is MAML's sinusoid regressor.
+
+    Args:
+      sizes: layer widths, input first, output last.
+      activation: hidden non-linearity.
+      dtype: parameter dtype.
+      init_scale: ``"lecun"`` (variance 1/fan_in, the usual choice) or ``"maml"`` (the
+        reference code's truncated normal with std 0.01).
+    """
+    sizes = tuple(int(s) for s in sizes)
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"mlp: sizes={sizes} must have >= 2 entries, each >= 1")
+
+    def init(key: PRNGKey) -> Params:
+        keys = jax.random.split(key, len(sizes) - 1)
+        layers = []
+        for k, fi, fo in zip(keys, sizes[:-1], sizes[1:], strict=True):
+            if init_scale == "maml":
+                layers.append(_dense_init(k, fi, fo, dtype))
+            else:
+                w = jax.random.normal(k, (fi, fo), dtype) / jnp.sqrt(jnp.asarray(fi, dtype))
+                layers.append({"w": w, "b": jnp.zeros((fo,), dtype)})
+        return {f"dense{i}": layer for i, layer in enumerate(layers)}
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        n = len(sizes) - 1
+        h = x.reshape(x.shape[0], -1)
+        for i in range(n):
+            h = h @ params[f"dense{i}"]["w"] + params[f"dense{i}"]["b"]
+            if i < n - 1:
+                h = activation(h)
+        return h
+
+    return Model(init, apply)
+
+
+def logistic_regression(num_features: int, num_classes: int, dtype=jnp.float32) -> Model:
+    """Multinomial logistic regression ``x @ w + b`` (FedProx / pFedMe Synthetic baselines)."""
+    if num_features < 1 or num_classes < 2:
+        raise ValueError(
+            f"logistic_regression: num_features={num_features} must be >= 1 and "
+            f"num_classes={num_classes} must be >= 2"
+        )
+
+    def init(key: PRNGKey) -> Params:
+        del key
+        return {
+            "w": jnp.zeros((num_features, num_classes), dtype),
+            "b": jnp.zeros((num_classes,), dtype),
+        }
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
+
+    return Model(init, apply)
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    offset: jax.Array | None = None,
+    eps: float = 1e-3,
+) -> jax.Array:
+    """Normalise ``x`` [B, H, W, ch] with the mean and variance of this batch (no running stats).
+
+    ``eps = 1e-3`` is TensorFlow's ``batch_norm`` default used by the MAML reference code.
+    """
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale
+    if offset is not None:
+        y = y + offset
+    return y
+
+
+def conv4(
+    num_classes: int,
+    *,
+    in_channels: int = 1,
+    filters: int = 64,
+    mode: Literal["strided", "pooled"] = "strided",
+    bn_scale: bool = False,
+    bn_offset: bool = True,
+    dtype=jnp.float32,
+) -> Model:
+    """The 4-block convolutional network of MAML's Omniglot/MiniImagenet experiments.
+
+    Each block is a 3x3 convolution with ``filters`` channels, then batch norm on the batch's
+    own statistics (learned offset by default, optional learned scale; the reference code's
+    ``tf.contrib.layers.batch_norm`` has ``center=True, scale=False``), then ReLU. In
+    ``"strided"`` mode the convolution has stride 2 and ``SAME`` padding (the reference code's
+    Omniglot net); in ``"pooled"`` mode it has stride 1 and is followed by a 2x2 max-pool.
+    The features are averaged over space and a linear head maps them to ``num_classes`` logits.
+
+    ``apply(params, x)`` takes ``x`` [B, H, W, in_channels] and returns logits [B, num_classes].
+    """
+    if num_classes < 2 or in_channels < 1 or filters < 1:
+        raise ValueError(
+            f"conv4: num_classes={num_classes} must be >= 2, in_channels={in_channels} and "
+            f"filters={filters} must be >= 1"
+        )
+    if mode not in ("strided", "pooled"):
+        raise ValueError(f"conv4: mode={mode!r} is not one of 'strided', 'pooled'")
+    stride = 2 if mode == "strided" else 1
+
+    def init(key: PRNGKey) -> Params:
+        keys = jax.random.split(key, 5)
+        params: dict[str, Any] = {}
+        cin = in_channels
+        for i in range(4):
+            # Glorot-uniform kernels, as tf.contrib.layers.xavier_initializer in the reference.
+            limit = jnp.sqrt(6.0 / (9 * cin + 9 * filters))
+            block = {
+                "w": jax.random.uniform(keys[i], (3, 3, cin, filters), dtype, -limit, limit),
+                "b": jnp.zeros((filters,), dtype),
+            }
+            if bn_scale:
+                block["scale"] = jnp.ones((filters,), dtype)
+            if bn_offset:
+                block["offset"] = jnp.zeros((filters,), dtype)
+            params[f"conv{i}"] = block
+            cin = filters
+        limit = jnp.sqrt(6.0 / (filters + num_classes))
+        params["head"] = {
+            "w": jax.random.uniform(keys[4], (filters, num_classes), dtype, -limit, limit),
+            "b": jnp.zeros((num_classes,), dtype),
+        }
+        return params
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        h = x
+        for i in range(4):
+            p = params[f"conv{i}"]
+            h = jax.lax.conv_general_dilated(
+                h,
+                p["w"],
+                window_strides=(stride, stride),
+                padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            h = h + p["b"]
+            h = batch_norm(h, p.get("scale"), p.get("offset"))
+            h = jax.nn.relu(h)
+            if mode == "pooled":
+                h = jax.lax.reduce_window(
+                    h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+                )
+        h = jnp.mean(h, axis=(1, 2))
+        return h @ params["head"]["w"] + params["head"]["b"]
+
+    return Model(init, apply)

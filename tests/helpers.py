@@ -1,0 +1,57 @@
+"""Tiny models, tasks and finite differences shared by the tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+import fmljax
+
+
+def tiny_mlp():
+    """A 1-6-6-1 tanh MLP (smooth, so finite differences are exact to O(eps^2))."""
+    return fmljax.mlp((1, 6, 6, 1), activation=jnp.tanh, dtype=jnp.float64)
+
+
+def tiny_conv4(num_classes: int = 3):
+    """A Conv4 with 3 filters and learned BN scale and offset, for 8x8x1 inputs."""
+    return fmljax.conv4(
+        num_classes, filters=3, mode="strided", bn_scale=True, bn_offset=True, dtype=jnp.float64
+    )
+
+
+def regression_task(key, k: int = 5, q: int = 7):
+    s, qy = fmljax.data.sample_sinusoid_task(key, k, q, dtype=jnp.float64)
+    return s, qy
+
+
+def image_task(key, n: int = 3, k: int = 2, q: int = 3, hw: int = 8):
+    k1, k2 = jax.random.split(key)
+    support = {
+        "x": jax.random.normal(k1, (n * k, hw, hw, 1), jnp.float64),
+        "y": jnp.repeat(jnp.arange(n), k),
+    }
+    query = {
+        "x": jax.random.normal(k2, (n * q, hw, hw, 1), jnp.float64),
+        "y": jnp.repeat(jnp.arange(n), q),
+    }
+    return support, query
+
+
+def flat_grad_fd(f, params, eps: float = 1e-5) -> np.ndarray:
+    """Central finite differences of a scalar ``f`` along every coordinate of ``params``."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    eye = jnp.eye(flat.size, dtype=flat.dtype)
+    g = jax.jit(jax.vmap(lambda e: f(unravel(flat + eps * e)) - f(unravel(flat - eps * e))))(eye)
+    return np.asarray(g / (2 * eps))
+
+
+def flat(tree) -> np.ndarray:
+    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
