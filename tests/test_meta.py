@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ def _problem(kind: str):
     return model.init(key), loss, support, query, lr
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
 def _manual_adapt(loss, params, support, lr, steps):
     """The inner loop written as a plain Python loop (reference for adapt)."""
     for _ in range(steps):
@@ -182,8 +185,11 @@ def test_maml_closed_form_on_quadratics(x64, steps):
     np.testing.assert_allclose(g_fo, C @ t - d, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("method", fmljax.METHODS)
+@pytest.mark.parametrize(
+    "dtype, method",
+    [(jnp.float64, m) for m in fmljax.METHODS]
+    + [(jnp.float32, m) for m in ("maml", "hf-fd", "meta-sgd")],
+)
 def test_vmap_over_tasks_and_clients_equals_loop(dtype, method):
     """vmap over tasks and over clients (nested) equals the plain Python loop, in f32 and f64."""
     with jax.enable_x64(dtype == jnp.float64):
@@ -200,6 +206,7 @@ def test_vmap_over_tasks_and_clients_equals_loop(dtype, method):
             return meta_gradient(loss, params, s, q, inner_lr=lr, inner_steps=2, method=method)
 
         got = jax.jit(jax.vmap(jax.vmap(one)))(*tasks)
+        one = jax.jit(one)  # the per-task reference, called in a Python loop
         for c in range(2):
             for t in range(3):
                 s, q = jax.tree.map(lambda a: a[c, t], tasks)
@@ -230,7 +237,7 @@ def test_meta_gradient_is_differentiable_again(x64):
 
 
 def test_remat_gives_the_same_gradient(x64):
-    params, loss, support, query, lr = _problem("conv4")
+    params, loss, support, query, lr = _problem("mlp")
     a = meta_gradient(loss, params, support, query, inner_lr=lr, inner_steps=3, method="maml")
     b = meta_gradient(
         loss, params, support, query, inner_lr=lr, inner_steps=3, method="maml", remat=True
@@ -293,3 +300,24 @@ def test_prototypical_loss_closed_form_and_gradient(x64):
     np.testing.assert_allclose(
         fmljax.prototypical_loss(embed, w, padded, query, n), expect, rtol=1e-12
     )
+
+
+def test_conv4_batch_norm_ignores_masked_examples(x64):
+    """Padding rows change neither the real rows' logits nor the masked loss (batch norm)."""
+    model = tiny_conv4()
+    params = model.init(jax.random.key(0))
+    support, _ = image_task(jax.random.key(1))
+    n = support["x"].shape[0]
+    padded = {
+        "x": jnp.concatenate([support["x"], 50.0 * jnp.ones((3, 8, 8, 1))]),
+        "y": jnp.concatenate([support["y"], jnp.zeros(3, jnp.int32)]),
+        "mask": jnp.concatenate([jnp.ones(n), jnp.zeros(3)]),
+    }
+    loss = fmljax.cross_entropy_loss(model.apply)
+    np.testing.assert_allclose(loss(params, padded), loss(params, support), rtol=1e-12)
+    g_pad, g = jax.grad(loss)(params, padded), jax.grad(loss)(params, support)
+    assert rel_err(flat(g_pad), flat(g)) < 1e-10
+    for mode in ("strided", "pooled"):
+        m = fmljax.conv4(5, mode=mode)
+        out = m.apply(m.init(jax.random.key(0)), jnp.ones((2, 28, 28, 1), jnp.float32))
+        assert out.shape == (2, 5)

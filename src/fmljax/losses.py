@@ -16,7 +16,7 @@ import optax
 
 Batch = Mapping[str, jax.Array]
 Params = Any
-ApplyFn = Callable[[Params, jax.Array], jax.Array]
+ApplyFn = Callable[..., jax.Array]  # apply(params, x[, mask=...]) -> outputs
 LossFn = Callable[[Params, Batch], jax.Array]
 MetricsFn = Callable[[Params, Batch], dict[str, jax.Array]]
 
@@ -25,8 +25,15 @@ __all__ = [
     "cross_entropy_loss",
     "masked_mean",
     "mse_loss",
+    "predict",
     "regression_metrics",
 ]
+
+
+def predict(apply: ApplyFn, params: Params, batch: Batch) -> jax.Array:
+    """``apply(params, x)``, passing ``mask=`` when the batch is padded (batch-norm models)."""
+    mask = batch.get("mask")
+    return apply(params, batch["x"]) if mask is None else apply(params, batch["x"], mask=mask)
 
 
 def masked_mean(values: jax.Array, batch: Batch) -> jax.Array:
@@ -42,7 +49,7 @@ def mse_loss(apply: ApplyFn) -> LossFn:
     """``loss(params, batch)``: mean squared error of ``apply(params, x)`` against ``y``."""
 
     def loss(params: Params, batch: Batch) -> jax.Array:
-        pred = apply(params, batch["x"])
+        pred = predict(apply, params, batch)
         err = jnp.square(pred - batch["y"].reshape(pred.shape))
         return masked_mean(err.reshape(err.shape[0], -1).mean(-1), batch)
 
@@ -53,7 +60,7 @@ def cross_entropy_loss(apply: ApplyFn) -> LossFn:
     """``loss(params, batch)``: softmax cross-entropy of the logits against integer ``y``."""
 
     def loss(params: Params, batch: Batch) -> jax.Array:
-        logits = apply(params, batch["x"])
+        logits = predict(apply, params, batch)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
         return masked_mean(ce, batch)
 
@@ -70,7 +77,7 @@ def classification_metrics(apply: ApplyFn) -> MetricsFn:
     """``metrics(params, batch) -> {'loss': ..., 'accuracy': ...}``."""
 
     def metrics(params: Params, batch: Batch) -> dict[str, jax.Array]:
-        logits = apply(params, batch["x"])
+        logits = predict(apply, params, batch)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
         correct = (jnp.argmax(logits, -1) == batch["y"]).astype(logits.dtype)
         return {"loss": masked_mean(ce, batch), "accuracy": masked_mean(correct, batch)}
