@@ -5,9 +5,10 @@ networks as pure functions of PyTrees (:mod:`fmljax.meta`), and FedAvg, FedMeta,
 FedReptile as one-jit rounds (:mod:`fmljax.federated`).
 """
 
-from fmljax import data, federated, losses, mapping, meta, models
+from fmljax import data, federated, losses, mapping, meta, models, sharding
 from fmljax.federated import (
     ALGORITHMS,
+    ClientSharding,
     FederatedAlgorithm,
     RoundConfig,
     ServerState,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALGORITHMS",
     "METHODS",
+    "ClientSharding",
     "FederatedAlgorithm",
     "Model",
     "RoundConfig",
@@ -62,4 +64,5 @@ __all__ = [
     "prototypical_metrics",
     "regression_metrics",
     "scan_rounds",
+    "sharding",
 ]

@@ -20,9 +20,35 @@ One round, ``update(state, key, data) -> (state, metrics)``:
    draws ``tasks_per_client`` (T) tasks from the client's data, computes a per-task
    (meta-)gradient (mapped over T), averages it and takes an SGD step of rate ``local_lr``;
 3. each client's update ``delta = start - end`` is averaged with weights proportional to the
-   client's ``num_examples`` (only over clients that participated);
+   client's ``num_examples``, over the clients that finished the round only (see below);
 4. the server optimiser (optax) treats the average delta as a gradient: FedAvg's model
    average is ``optax.sgd(1.0)``; FedAdam is ``server_optimizer=optax.adam(lr)``.
+
+Partial participation, simulated inside the compiled round (Bonawitz et al., 2019, "Towards
+Federated Learning at Scale: System Design", SysML, report that a few percent of the selected
+devices drop out of a round; Li et al., 2020, "Federated Optimization in Heterogeneous
+Networks" (FedProx), MLSys, model stragglers as clients that do less local work):
+
+* ``dropout_prob``: each sampled client drops out of the round with this probability; a
+  dropped client does not report, and the average is over the clients that finished. A round
+  in which every client dropped leaves the parameters and the optimiser state unchanged (the
+  round counter still advances: the round took place).
+* ``straggler_prob``: each client that did not drop is a straggler with this probability and
+  finishes only ``steps ~ U{1, ..., S - 1}`` of its S local steps (the remaining steps of its
+  ``lax.scan`` are masked); its partial update is aggregated (FedProx's variable local work).
+
+Non-finite updates: the round computes, per sampled client, whether its loss and update are
+finite (``metrics['client_finite']``). If any client that finished is non-finite, or the
+server update is, the round is *rejected*: the returned state is the input state, round
+counter included, and ``metrics['finite']`` is False; the caller (``fmljax.train``) stops the
+run on the host and names the round and the client (``metrics['client_id']``).
+
+Sharding: ``build(..., client_sharding=ClientSharding(multiple, constrain))`` pads the M
+sampled clients with masked clients (weight zero, never aggregated) to a multiple of
+``multiple`` (the device count of the mesh's client axis) and applies ``constrain`` (a
+``with_sharding_constraint`` made by :mod:`fmljax.sharding`) to the per-client arrays, so
+that the jitted round partitions the clients' work over the devices; the weighted average is
+then one all-reduce. The library itself never names a mesh.
 
 FedAvg's client draws its round data once (T tasks, support and query together) and runs S
 full-batch gradient steps on it (McMahan et al.'s B = infinity, E = S); this is what makes
@@ -38,6 +64,12 @@ Random keys, a documented contract (the tests rebuild a round with plain Python 
     task keys   = split(step_key, T)
     task        = sample_task(task_key, client_data)  -> (support, query)
     Hessian batch of perfedavg-hf = sample_task(fold_in(task_key, 1), client_data).support
+    k_drop, k_straggle, k_steps = split(fold_in(key, 2), 3)   only with dropout / stragglers
+                  (split(key) is (fold_in(key, 0), fold_in(key, 1)): stream 2 is unused)
+    dropped     = bernoulli(k_drop, dropout_prob, (M,))
+    straggler   = bernoulli(k_straggle, straggler_prob, (M,))
+    steps       = where(straggler, randint(k_steps, (M,), 1, S), S)
+    padded clients (sharding): copies of clients[i mod M] with client_keys[i mod M], masked
 
 ``jit`` is applied by the caller (the runner, a benchmark, a test): ``jax.jit(alg.update,
 donate_argnums=0)`` compiles the whole round into one program; data of the same shapes and a
@@ -68,6 +100,7 @@ TaskSampler = Callable[[jax.Array, Any], tuple[Batch, Batch]]
 
 __all__ = [
     "ALGORITHMS",
+    "ClientSharding",
     "FederatedAlgorithm",
     "RoundConfig",
     "ServerState",
@@ -112,6 +145,9 @@ class RoundConfig:
       client_chunk, task_chunk: chunk sizes for 'chunked'.
       remat: rematerialise inner steps (second-order memory flat in ``inner_steps``).
       fd_delta: finite-difference step of Per-FedAvg-HF.
+      dropout_prob: probability in [0, 1] that a sampled client drops out of a round.
+      straggler_prob: probability in [0, 1] that a client that did not drop finishes only
+        ``U{1, ..., S - 1}`` local steps (needs ``local_steps >= 2``).
     """
 
     clients_per_round: int = 10
@@ -128,6 +164,8 @@ class RoundConfig:
     task_chunk: int | None = None
     remat: bool = False
     fd_delta: float = 1e-3
+    dropout_prob: float = 0.0
+    straggler_prob: float = 0.0
 
     def validate(self, algorithm: str = "") -> None:
         """Raise ValueError naming the field, its value and the allowed range."""
@@ -169,6 +207,18 @@ class RoundConfig:
         need(float(self.local_lr) > 0, "local_lr", "> 0")
         need(float(self.inner_lr) > 0, "inner_lr", "> 0")
         need(float(self.fd_delta) > 0, "fd_delta", "> 0")
+        for field in ("dropout_prob", "straggler_prob"):
+            v = getattr(self, field)
+            need(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
+                field,
+                "a float in [0, 1]",
+            )
+        need(
+            self.straggler_prob == 0 or self.local_steps >= 2,
+            "straggler_prob",
+            f"0 when local_steps={self.local_steps} (a straggler finishes 1 .. S - 1 steps)",
+        )
         validate_map_mode(f"{where}RoundConfig.client_map", self.client_map, self.client_chunk)
         validate_map_mode(f"{where}RoundConfig.task_map", self.task_map, self.task_chunk)
 
@@ -194,6 +244,19 @@ class FederatedAlgorithm(NamedTuple):
     personalize: Callable[[Params, Batch], Params]
 
 
+class ClientSharding(NamedTuple):
+    """How the round lays out its sampled clients; made by :func:`fmljax.sharding.client_sharding`.
+
+    ``multiple``: the M sampled clients are padded with masked clients to a multiple of it
+    (the number of devices along the mesh's client axis). ``constrain``: applied to every
+    PyTree whose leading axis is the (padded) client axis, e.g. a
+    ``jax.lax.with_sharding_constraint`` that shards that axis over the devices.
+    """
+
+    multiple: int
+    constrain: Callable[[Any], Any]
+
+
 def merge_batches(a: Batch, b: Batch) -> Batch:
     """Concatenate two batches along the example axis (FedAvg and Reptile train on both)."""
     return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), dict(a), dict(b))
@@ -212,6 +275,23 @@ def _mean0(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
 
 
+def _all_finite_per_client(tree: Any) -> jax.Array:
+    """[M] bool: every entry of client i's slice of every leaf is finite."""
+    leaves = jax.tree.leaves(tree)
+    m = leaves[0].shape[0]
+    checks = [jnp.all(jnp.isfinite(x.reshape(m, -1)), axis=1) for x in leaves]
+    return jnp.all(jnp.stack(checks), axis=0)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
 def _num_clients(data: Any) -> int:
     leaves = jax.tree.leaves(data)
     if not leaves:
@@ -228,6 +308,7 @@ def build(
     server_optimizer: optax.GradientTransformation | None = None,
     metrics_fn: MetricsFn | None = None,
     fine_tune: bool = False,
+    client_sharding: ClientSharding | None = None,
 ) -> FederatedAlgorithm:
     """Build the federated algorithm ``name`` (a key of :data:`ALGORITHMS`).
 
@@ -240,6 +321,9 @@ def build(
         ``optax.sgd(1.0)`` (FedAvg's model average).
       metrics_fn: ``metrics_fn(params, batch) -> dict`` used by ``evaluate``; default the loss.
       fine_tune: FedAvg only: adapt at evaluation (FedAvg + fine-tuning).
+      client_sharding: pad the sampled clients to a multiple of ``client_sharding.multiple``
+        with masked clients and constrain their layout (see :mod:`fmljax.sharding`); needs
+        ``client_map='vmap'`` when the multiple is above 1.
     """
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm={name!r} is not one of {tuple(ALGORITHMS)}")
@@ -252,6 +336,19 @@ def build(
         )
     if fine_tune and name != "fedavg":
         raise ValueError(f"{name}: fine_tune=True is only for 'fedavg' (the others adapt)")
+    if client_sharding is not None:
+        mult = client_sharding.multiple
+        if not (isinstance(mult, int) and not isinstance(mult, bool) and mult >= 1):
+            raise ValueError(
+                f"{name}: client_sharding.multiple={mult!r} is invalid: must be an int >= 1"
+            )
+        if mult > 1 and config.client_map != "vmap":
+            raise ValueError(
+                f"{name}: RoundConfig.client_map={config.client_map!r} is invalid with clients "
+                f"sharded over {mult} devices: must be 'vmap' (each device maps its own clients)"
+            )
+    pad_multiple = 1 if client_sharding is None else client_sharding.multiple
+    constrain = (lambda t: t) if client_sharding is None else client_sharding.constrain
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     metrics_fn = metrics_fn or (lambda p, b: {"loss": loss_fn(p, b)})
     cfg = config
@@ -304,8 +401,19 @@ def build(
         return loss, grads
 
     # ---- one client's round -----------------------------------------------------------------
-    def client_update(meta_params: Params, client_key: jax.Array, client: Any):
-        """Returns (delta = start - end, mean query loss over S x T)."""
+    mask_steps = cfg.straggler_prob > 0  # static: the default round has no step masks
+
+    def masked(s: jax.Array, steps: jax.Array, new: Params, old: Params) -> Params:
+        return _select(s < steps, new, old) if mask_steps else new
+
+    def mean_loss(losses: jax.Array, steps: jax.Array) -> jax.Array:
+        if not mask_steps:
+            return jnp.mean(losses)
+        done = jnp.arange(cfg.local_steps) < steps
+        return jnp.sum(jnp.where(done, losses, 0)) / steps.astype(losses.dtype)
+
+    def client_update(meta_params: Params, client_key: jax.Array, client: Any, steps: jax.Array):
+        """Returns (delta = start - end, mean query loss over the ``steps`` <= S steps done)."""
         if rule == "fedavg":
             task_keys = jax.random.split(jax.random.fold_in(client_key, 0), cfg.tasks_per_client)
             tasks = map_over(
@@ -318,11 +426,12 @@ def build(
                 map_over(lambda b: loss_fn(p, b), tasks, cfg.task_map, cfg.task_chunk)
             )
 
-            def sgd_step(p, _):
+            def sgd_step(p, s):
                 loss, g = jax.value_and_grad(batch_loss)(p)
-                return jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g), loss
+                new = jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g)
+                return masked(s, steps, new, p), loss
 
-            end, losses = jax.lax.scan(sgd_step, meta_params, None, length=cfg.local_steps)
+            end, losses = jax.lax.scan(sgd_step, meta_params, jnp.arange(cfg.local_steps))
         else:
 
             def local_step(p, s):
@@ -333,11 +442,12 @@ def build(
                     lambda k: task_gradient(p, k, client), task_keys, cfg.task_map, cfg.task_chunk
                 )
                 g = _mean0(grads)
-                return jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g), jnp.mean(losses)
+                new = jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g)
+                return masked(s, steps, new, p), jnp.mean(losses)
 
             end, losses = jax.lax.scan(local_step, meta_params, jnp.arange(cfg.local_steps))
         delta = jax.tree.map(jnp.subtract, meta_params, end)
-        return delta, jnp.mean(losses)
+        return delta, mean_loss(losses, steps)
 
     # ---- the round ----------------------------------------------------------------------------
     def init(params: Params) -> ServerState:
@@ -350,6 +460,20 @@ def build(
             meta = params
         return ServerState(meta, server_optimizer.init(meta), jnp.zeros((), jnp.int32))
 
+    def participation(key: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+        """([M] bool finished the round, [M] int32 local steps done) of the sampled clients."""
+        active = jnp.ones((m,), bool)
+        steps = jnp.full((m,), cfg.local_steps, jnp.int32)
+        if cfg.dropout_prob > 0 or cfg.straggler_prob > 0:
+            k_drop, k_straggle, k_steps = jax.random.split(jax.random.fold_in(key, 2), 3)
+            if cfg.dropout_prob > 0:
+                active = ~jax.random.bernoulli(k_drop, cfg.dropout_prob, (m,))
+            if cfg.straggler_prob > 0:
+                straggler = jax.random.bernoulli(k_straggle, cfg.straggler_prob, (m,))
+                short = jax.random.randint(k_steps, (m,), 1, cfg.local_steps, jnp.int32)
+                steps = jnp.where(straggler, short, steps)
+        return active, steps
+
     def update(state: ServerState, key: jax.Array, data: Any):
         num_clients = _num_clients(data)
         m = cfg.clients_per_round
@@ -360,24 +484,62 @@ def build(
             )
         k_sample, k_clients = jax.random.split(key)
         chosen = jax.random.choice(k_sample, num_clients, (m,), replace=False)  # [M]
-        clients = jax.tree.map(lambda x: x[chosen], data)
         weights = client_weights(data, num_clients)[chosen]  # [M]
         client_keys = jax.random.split(k_clients, m)
+        active, steps = participation(key, m)
+        ids = chosen.astype(jnp.int32)
+        m_pad = -(-m // pad_multiple) * pad_multiple
+        if m_pad > m:  # masked copies of real clients: finite work, weight 0, never aggregated
+            copy = jnp.arange(m_pad - m) % m
+            chosen = jnp.concatenate([chosen, chosen[copy]])
+            weights = jnp.concatenate([weights, jnp.zeros((m_pad - m,), weights.dtype)])
+            client_keys = jnp.concatenate([client_keys, client_keys[copy]])
+            active = jnp.concatenate([active, jnp.zeros((m_pad - m,), bool)])
+            steps = jnp.concatenate([steps, steps[copy]])
+            ids = jnp.concatenate([ids, jnp.full((m_pad - m,), -1, jnp.int32)])
+        clients = jax.tree.map(lambda x: x[chosen], data)
+        clients, client_keys, weights, active, steps, ids = constrain(
+            (clients, client_keys, weights, active, steps, ids)
+        )
         deltas, losses = map_over(
             lambda args: client_update(state.params, *args),
-            (client_keys, clients),
+            (client_keys, clients, steps),
             cfg.client_map,
             cfg.client_chunk,
-        )  # [M, ...], [M]
-        w = weights / jnp.sum(weights)
-        delta = jax.tree.map(lambda d: jnp.tensordot(w.astype(d.dtype), d, axes=1), deltas)
+        )  # [M_pad, ...], [M_pad]
+        client_finite = _all_finite_per_client(deltas) & jnp.isfinite(losses)
+        w = jnp.where(active, weights, 0)
+        total = jnp.sum(w)
+        anyone = total > 0
+        w = w / jnp.where(anyone, total, 1)
+
+        def average(d: jax.Array) -> jax.Array:
+            live = jnp.where(active.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
+            return jnp.tensordot(w.astype(d.dtype), live, axes=1)
+
+        delta = jax.tree.map(average, deltas)
         updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = jnp.all(client_finite | ~active) & _all_finite(params) & _all_finite(opt_state)
+        apply = finite & anyone
+        new_state = ServerState(
+            _select(apply, params, state.params),
+            _select(apply, opt_state, state.opt_state),
+            jnp.where(finite, state.round + 1, state.round),
+        )
+        live_losses = jnp.where(active, losses, 0)
         metrics = {
-            "loss": jnp.sum(w * losses),
+            "loss": jnp.where(anyone, jnp.sum(w * live_losses), jnp.nan),
             "update_norm": optax.tree.norm(delta),
+            "clients_finished": jnp.sum(active.astype(jnp.int32)),
+            "finite": finite,
+            "client_id": ids,  # [M_pad] the sampled clients' indices, -1 for padding
+            "client_active": active,  # [M_pad] finished the round (not dropped, not padding)
+            "client_finite": client_finite,  # [M_pad] loss and update finite
+            "client_steps": steps,  # [M_pad] local steps done
+            "client_loss": losses,  # [M_pad]
         }
-        return ServerState(params, opt_state, state.round + 1), metrics
+        return new_state, metrics
 
     # ---- personalised evaluation --------------------------------------------------------------
     def personalize(meta_params: Params, support: Batch) -> Params:

@@ -8,23 +8,61 @@ server state donated), and writes into ``workdir``:
 * ``metrics.jsonl``: one JSON object per line, ``{'round', 'split', <metric>: value, ...,
   'wall_s'}``; ``split`` is ``'train'`` for round metrics and ``'val'`` for periodic
   personalised evaluation;
-* ``checkpoints/``: orbax checkpoints of the server state every ``checkpoint_every`` rounds
-  (the last ``keep_checkpoints`` kept);
+* ``checkpoints/``: orbax checkpoints of the whole training state every ``checkpoint_every``
+  rounds and when the process gets SIGTERM or SIGINT (the last ``keep_checkpoints`` kept);
 * ``summary.json``: the final personalised evaluation on the test clients, each metric's mean
   and 95% confidence interval over the evaluation clients.
 
-Round ``r`` uses the key ``fold_in(PRNGKey(seed), r)``, so the clients and tasks a round sees
-are a pure function of (seed, round): re-running the same command on the same ``workdir``
-resumes from the last checkpoint and ends with the same numbers as an uninterrupted run.
+Checkpoints and resume
+    A checkpoint holds the server state (parameters, optimiser state, round counter), the
+    rounds' random key and, as JSON, the config fingerprint and the round (which is the
+    data-sampling position: round ``r`` uses the key ``fold_in(k_rounds, r)``, so the clients
+    and tasks a round sees are a pure function of (seed, round)). Orbax writes each one into a
+    temporary directory and renames it when complete, so a process killed while writing
+    leaves no checkpoint that looks whole (the partial directory is deleted on the next
+    start). Re-running the same command on the same ``workdir`` resumes from the last
+    checkpoint and ends with bit-identical parameters to an uninterrupted run (same devices).
+    A checkpoint written by a different config (other algorithm, model shapes, rates, seed,
+    ...) is refused with the list of fields that differ; fields that only steer the loop
+    (:data:`LOOP_FIELDS`) may change between runs, and with ``config.init_from`` (a warm
+    start from another run's checkpoint) only the state's shapes and dtypes must agree.
+
+Devices and hosts
+    The round runs on a mesh (:mod:`fmljax.sharding`) of every device (``config.mesh_shape``,
+    default ``(-1,)``, axes ``config.mesh_axes`` (``('clients',)``), sharded over
+    ``config.client_axis``): the M sampled clients are spread over the devices (padded with
+    masked clients to a multiple of the device count), the server state is replicated.
+    ``config.distributed = True`` calls ``jax.distributed.initialize`` first (arguments
+    ``coordinator_address``, ``num_processes``, ``process_id`` from the config, or detected on
+    TPU pods and SLURM); every process then runs this same function and process 0 writes the
+    files.
+
+Failures
+    A round whose loss or update is non-finite on a client that finished it is rejected by
+    the round itself (the state stays the previous one); the loop then raises
+    :class:`NonFiniteRoundError` naming the round and the clients, writes no checkpoint, and
+    the last good checkpoint stays. ``config.debug_nojit = True`` runs the rounds one by one
+    without ``jit`` on one device (``jax.disable_jit``), so that a failing client can be
+    stepped through with a debugger; the error carries the state and key of the failing
+    round (``err.state``, ``err.key``) to call ``alg.update`` on by hand.
+
+Configuration
+    :func:`validate_config` checks every field the loop reads before any data is built or
+    any program compiled; :func:`validate_setup` checks the config against the task's data
+    (client counts, model and data shapes, with ``jax.eval_shape``: nothing is compiled).
+    Each error names the field, its value and what is allowed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,17 +74,63 @@ import numpy as np
 import optax
 
 import fmljax
+from fmljax import sharding
 from fmljax.federated import ALGORITHMS, RoundConfig, ServerState, scan_rounds
 
 __all__ = [
+    "LOOP_FIELDS",
+    "MODELS",
+    "SERVER_OPTIMIZERS",
     "TASKS",
+    "NonFiniteRoundError",
     "TaskSetup",
     "comparison_table",
     "confidence_interval",
+    "config_fingerprint",
+    "load_checkpoint",
     "register_task",
     "run_experiment",
     "train_and_evaluate",
+    "validate_config",
+    "validate_setup",
 ]
+
+MODELS = ("mlp", "conv4", "logistic_regression")
+SERVER_OPTIMIZERS = ("sgd", "adam")
+
+# Fields that steer the loop, not the numbers it computes: they may change between a run and
+# its resumption. Every other field is part of the checkpoint's config fingerprint.
+LOOP_FIELDS = (
+    "num_rounds",
+    "rounds_per_call",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "debug_nojit",
+    "mesh_shape",
+    "mesh_axes",
+    "client_axis",
+    "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "init_from",
+    "runlocal",
+)
+
+
+class NonFiniteRoundError(FloatingPointError):
+    """A round had a non-finite loss or update; it was rejected and the run stopped.
+
+    Attributes: ``round`` (1-based, the round that failed), ``clients`` (indices of the
+    failing clients in the training data), ``state`` (the last good server state, the input
+    of the failing round), ``key`` (that round's key: ``alg.update(state, key, data)``
+    reproduces it).
+    """
+
+    def __init__(self, message: str, round: int, clients: list[int], state: Any, key: Any):
+        super().__init__(message)
+        self.round, self.clients, self.state, self.key = round, clients, state, key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +163,10 @@ def register_task(name: str):
 @register_task("sinusoid")
 def _sinusoid(config: ml_collections.ConfigDict) -> TaskSetup:
     """Each client one sinusoid (MAML's distribution); held-out clients for val and test."""
+    if config.get("model", "mlp") != "mlp":
+        raise ValueError(
+            f"config.model={config.model!r} is invalid for task 'sinusoid': must be 'mlp'"
+        )
     dtype = jnp.float64 if config.get("float64", False) else jnp.float32
     hidden = tuple(config.get("hidden", (40, 40)))
     model = fmljax.mlp((1, *hidden, 1), dtype=dtype)
@@ -103,7 +191,9 @@ def make_server_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTr
         return optax.sgd(lr)
     if name == "adam":
         return optax.adam(lr)
-    raise ValueError(f"config.server_optimizer={name!r} is not one of ('sgd', 'adam')")
+    raise ValueError(
+        f"config.server_optimizer={name!r} is invalid: must be one of {SERVER_OPTIMIZERS}"
+    )
 
 
 def round_config(config: ml_collections.ConfigDict) -> RoundConfig:
@@ -112,20 +202,33 @@ def round_config(config: ml_collections.ConfigDict) -> RoundConfig:
     return RoundConfig(**{k: v for k, v in config.items() if k in fields})
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Check every field the loop reads; errors name the field, its value and what is allowed."""
+    """Check every field the loop reads; errors name the field, its value and what is allowed.
+
+    Needs no data and compiles nothing: call it before anything else.
+    """
 
     def need(cond: bool, field: str, allowed: str) -> None:
         if not cond:
             raise ValueError(f"config.{field}={config.get(field)!r} is invalid: must be {allowed}")
 
-    need(config.get("task") in TASKS, "task", f"one of {tuple(TASKS)}")
+    need(config.get("task") in TASKS, "task", f"one of {tuple(sorted(TASKS))}")
     for name in str(config.get("algorithm", "")).split(","):
         need(
-            name in ALGORITHMS,
+            name.strip() in ALGORITHMS,
             "algorithm",
             f"one (or a comma-separated list) of {tuple(ALGORITHMS)}",
         )
+    if "model" in config:
+        need(config.model in MODELS, "model", f"one of {MODELS}")
     for field in (
         "num_rounds",
         "rounds_per_call",
@@ -134,7 +237,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "keep_checkpoints",
     ):
         v = config.get(field)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, field, "an int >= 1")
+        need(_is_int(v) and v >= 1, field, "an int >= 1")
     for field in ("eval_every", "checkpoint_every"):
         need(
             config[field] % config.rounds_per_call == 0,
@@ -146,8 +249,117 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "num_rounds",
         f"a multiple of rounds_per_call={config.rounds_per_call}",
     )
-    need(float(config.get("server_lr", 0)) > 0, "server_lr", "> 0")
-    round_config(config).validate()
+    for field in ("seed", "data_seed"):
+        if field in config:
+            need(_is_int(config[field]) and config[field] >= 0, field, "an int >= 0")
+    for field in ("num_clients", "num_eval_clients", "support_size", "query_size"):
+        if field in config:
+            need(_is_int(config[field]) and config[field] >= 1, field, "an int >= 1")
+    if "hidden" in config:
+        hidden = config.hidden
+        need(
+            isinstance(hidden, (tuple, list)) and all(_is_int(h) and h >= 1 for h in hidden),
+            "hidden",
+            "a tuple of layer widths, each an int >= 1",
+        )
+    need(
+        config.get("server_optimizer") in SERVER_OPTIMIZERS,
+        "server_optimizer",
+        f"one of {SERVER_OPTIMIZERS}",
+    )
+    lr = config.get("server_lr", 0)
+    need(_is_number(lr) and lr > 0, "server_lr", "a number > 0")
+    for field in ("local_lr", "inner_lr", "fd_delta"):
+        if field in config:
+            need(_is_number(config[field]) and config[field] > 0, field, "a number > 0")
+    if "num_clients" in config and "clients_per_round" in config:
+        need(
+            config.clients_per_round <= config.num_clients,
+            "clients_per_round",
+            f"<= config.num_clients={config.num_clients}",
+        )
+    for field in ("fine_tune", "debug_nojit", "distributed", "float64"):
+        if field in config:
+            need(isinstance(config[field], bool), field, "True or False")
+    need(
+        not config.get("fine_tune", False) or config.algorithm == "fedavg",
+        "fine_tune",
+        "False unless config.algorithm is 'fedavg'",
+    )
+    mesh_axes = tuple(config.get("mesh_axes", (sharding.CLIENT_AXIS,)))
+    client_axis = config.get("client_axis", sharding.CLIENT_AXIS)
+    need(
+        isinstance(client_axis, str) and client_axis in mesh_axes,
+        "client_axis",
+        f"one of config.mesh_axes={mesh_axes!r}",
+    )
+    shape = config.get("mesh_shape", (-1,))
+    need(
+        isinstance(shape, (tuple, list))
+        and len(shape) == len(mesh_axes)
+        and all(_is_int(n) and (n >= 1 or n == -1) for n in shape)
+        and sum(n == -1 for n in shape) <= 1,
+        "mesh_shape",
+        f"{len(mesh_axes)} ints, one per axis of config.mesh_axes={mesh_axes!r}, each >= 1 "
+        "or one -1 for the remaining devices",
+    )
+    rc = round_config(config)
+    try:
+        rc.validate()
+    except ValueError as e:  # the config's own names for RoundConfig's fields
+        raise ValueError(str(e).replace("RoundConfig.", "config.")) from None
+    for name in str(config.algorithm).split(","):
+        if ALGORITHMS[name.strip()][0] == "meta":
+            need(rc.inner_steps >= 1, "inner_steps", f"an int >= 1 for {name.strip()!r}")
+
+
+def validate_setup(config: ml_collections.ConfigDict, setup: TaskSetup) -> None:
+    """Check the config against the task's data without compiling anything.
+
+    ``clients_per_round`` against the training clients, and the model against the data: the
+    loss of one task of the first client is traced with ``jax.eval_shape`` (shapes only).
+    """
+
+    def clients(data: Any) -> int:
+        leaves = jax.tree.leaves(data)
+        return int(leaves[0].shape[0]) if leaves else 0
+
+    c = clients(setup.train_data)
+    if config.clients_per_round > c:
+        raise ValueError(
+            f"config.clients_per_round={config.clients_per_round} is invalid: must be <= the "
+            f"number of training clients of task {config.task!r} ({c})"
+        )
+    for split, data in (("val_data", setup.val_data), ("test_data", setup.test_data)):
+        if clients(data) < 1:
+            raise ValueError(f"task {config.task!r}: {split} has no clients")
+    client = jax.tree.map(lambda x: x[0], setup.train_data)
+    key = jax.random.key(0)
+    try:
+        support, query = jax.eval_shape(setup.sample_task, key, client)
+    except Exception as e:
+        raise ValueError(
+            f"task {config.task!r}: sample_task fails on the training data with "
+            f"support_size={config.get('support_size')!r}, "
+            f"query_size={config.get('query_size')!r}: {e}"
+        ) from e
+    params = jax.eval_shape(setup.model.init, key)
+    shapes = lambda t: jax.tree.map(lambda a: tuple(a.shape), t)
+    for name, batch in (("support", support), ("query", query)):
+        try:
+            out = jax.eval_shape(setup.loss_fn, params, batch)
+        except Exception as e:
+            raise ValueError(
+                f"config: the model does not fit the data of task {config.task!r} "
+                f"(model={config.get('model', 'default')!r}, "
+                f"hidden={config.get('hidden')!r}): parameter shapes {shapes(params)} "
+                f"against {name} batch shapes {shapes(batch)}: {e}"
+            ) from e
+        if out.shape != ():
+            raise ValueError(
+                f"task {config.task!r}: the loss on a {name} batch has shape {out.shape}, "
+                "must be a scalar"
+            )
 
 
 def confidence_interval(values: np.ndarray) -> tuple[float, float]:
@@ -160,7 +372,12 @@ def confidence_interval(values: np.ndarray) -> tuple[float, float]:
 class _Log:
     """metrics.jsonl writer (flushed and synced per write) and a terminal progress line."""
 
-    def __init__(self, path: str, resume_round: int):
+    def __init__(self, path: str, resume_round: int, enabled: bool = True):
+        self._enabled = enabled
+        if not enabled:  # another process of a multi-host run writes the files
+            self._f = open(os.devnull, "w")
+            self._tty = False
+            return
         if os.path.exists(path):  # drop lines past the checkpoint we resume from
             with open(path) as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln)["round"] <= resume_round]
@@ -176,6 +393,8 @@ class _Log:
         os.fsync(self._f.fileno())
 
     def progress(self, text: str) -> None:
+        if not self._enabled:
+            return
         if self._tty:
             sys.stdout.write("\r\033[K" + text)
         else:
@@ -183,7 +402,7 @@ class _Log:
         sys.stdout.flush()
 
     def close(self) -> None:
-        if self._tty:
+        if self._enabled and self._tty:
             sys.stdout.write("\n")
         self._f.close()
 
@@ -196,18 +415,152 @@ def _summary(per_client: Mapping[str, jax.Array]) -> dict[str, dict[str, float]]
     return out
 
 
+def config_fingerprint(config: ml_collections.ConfigDict, state: Any) -> dict[str, Any]:
+    """What must agree between a checkpoint and the run that resumes from it.
+
+    Every config field except :data:`LOOP_FIELDS`, and the shape and dtype of every leaf of
+    the training state (JSON-ready)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in LOOP_FIELDS}
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    shapes = {
+        jax.tree_util.keystr(path): [list(np.shape(x)), str(jnp.asarray(x).dtype)]
+        if not isinstance(x, jax.ShapeDtypeStruct)
+        else [list(x.shape), str(x.dtype)]
+        for path, x in leaves
+    }
+    return json.loads(json.dumps({"config": fields, "state": shapes}, default=repr))
+
+
+def _fingerprint_differences(
+    saved: dict[str, Any], current: dict[str, Any], most: int = 6
+) -> list[str]:
+    """One line per differing config field, then up to ``most`` differing state leaves."""
+    out = []
+    for part, what in (("config", "config.{}"), ("state", "state{}")):
+        a, b = saved.get(part, {}), current.get(part, {})
+        lines = [
+            f"{what.format(k)}: checkpoint {a.get(k, '<absent>')!r}, "
+            f"this run {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b), key=lambda k: (not k.startswith(".params"), k))
+            if a.get(k, "<absent>") != b.get(k, "<absent>")
+        ]
+        if part == "state" and len(lines) > most:
+            lines = [*lines[:most], f"state: ... and {len(lines) - most} more leaves"]
+        out += lines
+    return out
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """The raw contents of a run's checkpoint (default: the latest) as NumPy arrays.
+
+    ``{'state': {'server': (params, opt_state, round), 'rng_key': uint32 [2]}, 'meta':
+    {'round', 'fingerprint', ...}}``; for inspection and tests (training restores typed).
+    """
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+    ) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        got = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+    return {"state": got["state"], "meta": got["meta"], "step": int(step)}
+
+
+class _Signals:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between calls (main thread only)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _first_failure(metrics: Mapping[str, np.ndarray]) -> int | None:
+    bad = np.flatnonzero(~np.asarray(metrics["finite"], bool))
+    return int(bad[0]) if bad.size else None
+
+
+def _failure_message(
+    round_: int, metrics: Mapping[str, np.ndarray], i: int, last_good: int | None, where: str
+) -> tuple[str, list[int]]:
+    ids = np.asarray(metrics["client_id"][i])
+    active = np.asarray(metrics["client_active"][i], bool)
+    finite = np.asarray(metrics["client_finite"][i], bool)
+    losses = np.asarray(metrics["client_loss"][i])
+    bad = [int(c) for c in ids[active & ~finite]]
+    details = ", ".join(
+        f"client {int(c)} (loss={float(lo)!r}{', non-finite update' if np.isfinite(lo) else ''})"
+        for c, lo in zip(ids[active & ~finite], losses[active & ~finite], strict=True)
+    )
+    what = (
+        f"non-finite loss or gradient on {details}"
+        if bad
+        else "every client was finite but the server update is non-finite"
+    )
+    kept = (
+        f"the last good checkpoint (round {last_good}) in {where} is kept"
+        if last_good is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"round {round_}: {what}; the round was rejected (the state stays that of round "
+        f"{round_ - 1}) and the run stopped; {kept}. Sampled clients of this round: "
+        f"{[int(c) for c in ids[ids >= 0]]}. Set config.debug_nojit=True to run the rounds "
+        "without jit and inspect the client (the error carries .state and .key).",
+        bad,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train ``config.algorithm`` on ``config.task``; write the run's files into ``workdir``.
 
-    Returns the summary (also written to ``workdir/summary.json``).
+    Returns the summary (also written to ``workdir/summary.json``). Raises
+    :class:`NonFiniteRoundError` when a round is non-finite; on SIGTERM / SIGINT, writes a
+    checkpoint of the last completed round and raises ``SystemExit(128 + signal)`` /
+    ``KeyboardInterrupt``.
     """
     import orbax.checkpoint as ocp
 
     validate_config(config)
     if "," in config.algorithm:
         raise ValueError("train_and_evaluate runs one algorithm; main.py splits the list")
-    os.makedirs(workdir, exist_ok=True)
+    debug = bool(config.get("debug_nojit", False))
+    if config.get("distributed", False):
+        sharding.initialize_distributed(
+            config.get("coordinator_address", None),
+            config.get("num_processes", None),
+            config.get("process_id", None),
+        )
+    mesh_axes = tuple(config.get("mesh_axes", (sharding.CLIENT_AXIS,)))
+    client_axis = config.get("client_axis", sharding.CLIENT_AXIS)
+    if not debug:
+        sharding.validate_mesh(
+            tuple(config.get("mesh_shape", (-1,))), mesh_axes, client_axis, prefix="config."
+        )
     setup = TASKS[config.task](config)
+    validate_setup(config, setup)
+    mesh = None
+    if not debug:
+        mesh = sharding.client_mesh(tuple(config.get("mesh_shape", (-1,))), mesh_axes, client_axis)
     alg = fmljax.build(
         config.algorithm,
         setup.loss_fn,
@@ -216,84 +569,183 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         server_optimizer=make_server_optimizer(config),
         metrics_fn=setup.metrics_fn,
         fine_tune=bool(config.get("fine_tune", False)),
+        client_sharding=None if mesh is None else sharding.client_sharding(mesh, client_axis),
     )
     key = jax.random.key(config.seed)
     k_init, k_rounds, k_eval = jax.random.split(key, 3)
     state = alg.init(setup.model.init(k_init))
-
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    fingerprint = config_fingerprint(config, state)
+    lead = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     manager = ocp.CheckpointManager(
         ckpt_dir,
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
+        ),
     )
+    put = (lambda t: t) if mesh is None else (lambda t: sharding.replicate(t, mesh))
+    state = put(state)
+    train_data, val_data, test_data = (
+        put(setup.train_data),
+        put(setup.val_data),
+        put(setup.test_data),
+    )
+    k_rounds_dev = put(k_rounds)
     start = 0
     if manager.latest_step() is not None:
         start = int(manager.latest_step())
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        state = ServerState(*state) if not isinstance(state, ServerState) else state
+        meta = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        diff = _fingerprint_differences(meta.get("fingerprint", {}), fingerprint)
+        if config.get("init_from", None):  # a warm start: only the state must fit
+            diff = [d for d in diff if d.startswith("state")]
+        if diff:
+            raise ValueError(
+                f"the checkpoint of round {start} in {ckpt_dir} was written by a different "
+                "config and is refused; what differs:\n  " + "\n  ".join(diff) + "\nUse a "
+                "new workdir for this config (or restore the old config to resume)."
+            )
+        abstract = {
+            "server": jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+            "rng_key": ocp.utils.to_shape_dtype_struct(put(jax.random.key_data(k_rounds))),
+        }
+        restored = manager.restore(
+            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
+        state = ServerState(*restored["server"])
+        saved_key = np.asarray(jax.device_get(restored["rng_key"]))
+        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(k_rounds))):
+            raise ValueError(
+                f"the checkpoint of round {start} in {ckpt_dir} holds the round key "
+                f"{saved_key.tolist()}, this run's seed gives "
+                f"{np.asarray(jax.random.key_data(k_rounds)).tolist()}: refused"
+            )
+        if int(jax.device_get(state.round)) != start:
+            raise ValueError(
+                f"the checkpoint of step {start} holds round {int(state.round)}: refused"
+            )
 
-    log = _Log(os.path.join(workdir, "metrics.jsonl"), start)
-    run_rounds = jax.jit(scan_rounds(alg.update, config.rounds_per_call), donate_argnums=0)
-    evaluate = jax.jit(alg.evaluate)
+    def save(rounds: int) -> None:
+        bundle = {"server": state, "rng_key": put(jax.random.key_data(k_rounds))}
+        meta = {
+            "round": rounds,
+            "seed": config.seed,
+            "sampling": f"round r uses fold_in(k_rounds, r); next round {rounds}",
+            "fingerprint": fingerprint,
+        }
+        manager.save(
+            rounds,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(bundle), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    log = _Log(os.path.join(workdir, "metrics.jsonl"), start, enabled=lead)
+    rounds_fn = scan_rounds(alg.update, 1 if debug else config.rounds_per_call)
+    if debug:
+        run_rounds, evaluate = rounds_fn, alg.evaluate
+    else:
+        run_rounds = sharding.jit_round(rounds_fn, mesh)
+        rep = sharding.replicated(mesh)
+        evaluate = jax.jit(alg.evaluate, in_shardings=(rep, rep, rep), out_shardings=rep)
+    no_jit = lambda: jax.disable_jit() if debug else contextlib.nullcontext()
+    scalar_metrics = ("loss", "update_norm", "clients_finished")
     t0 = time.time()
     rounds = start
+    last_saved = start if start else None
     try:
-        while rounds < config.num_rounds:
-            state, metrics = run_rounds(state, k_rounds, setup.train_data)
-            metrics = jax.device_get(metrics)
-            wall = time.time() - t0
-            records = [
-                {
-                    "round": rounds + i + 1,
-                    "split": "train",
-                    **{k: float(v[i]) for k, v in metrics.items()},
-                    "wall_s": wall,
-                }
-                for i in range(config.rounds_per_call)
-            ]
-            rounds += config.rounds_per_call
-            if rounds % config.eval_every == 0 or rounds == config.num_rounds:
-                val = jax.device_get(
-                    evaluate(state, jax.random.fold_in(k_eval, rounds), setup.val_data)
-                )
-                records.append(
+        with _Signals() as signals, no_jit():
+            while rounds < config.num_rounds:
+                calls = config.rounds_per_call if debug else 1
+                metrics_list = []
+                for _ in range(calls):  # debug: one round per call, stop at a failure
+                    state, m = run_rounds(state, k_rounds_dev, train_data)
+                    metrics_list.append(sharding.to_host(m))
+                    if _first_failure(metrics_list[-1]) is not None:
+                        break  # a rejected round returns the state it was given
+                metrics = {k: np.concatenate([m[k] for m in metrics_list]) for k in metrics_list[0]}
+                n_done = len(metrics["finite"])
+                bad = _first_failure(metrics)
+                good = n_done if bad is None else bad
+                wall = time.time() - t0
+                records = [
                     {
-                        "round": rounds,
-                        "split": "val",
-                        **{k: float(np.mean(v)) for k, v in val.items()},
-                        "wall_s": time.time() - t0,
+                        "round": rounds + i + 1,
+                        "split": "train",
+                        **{k: float(metrics[k][i]) for k in scalar_metrics},
+                        "wall_s": wall,
                     }
+                    for i in range(good)
+                ]
+                if bad is not None:
+                    log.write(records)
+                    failed = rounds + bad + 1
+                    message, clients = _failure_message(failed, metrics, bad, last_saved, ckpt_dir)
+                    raise NonFiniteRoundError(
+                        message,
+                        failed,
+                        clients,
+                        state,
+                        jax.random.fold_in(k_rounds, failed - 1),
+                    )
+                rounds += config.rounds_per_call
+                if rounds % config.eval_every == 0 or rounds == config.num_rounds:
+                    val = sharding.to_host(
+                        evaluate(state, put(jax.random.fold_in(k_eval, rounds)), val_data)
+                    )
+                    records.append(
+                        {
+                            "round": rounds,
+                            "split": "val",
+                            **{k: float(np.mean(v)) for k, v in val.items()},
+                            "wall_s": time.time() - t0,
+                        }
+                    )
+                log.write(records)
+                last = records[-1]
+                metric = setup.target_metric if setup.target_metric in last else "loss"
+                log.progress(
+                    f"{config.algorithm} round {rounds}/{config.num_rounds} "
+                    f"{(rounds - start) / max(time.time() - t0, 1e-9):.1f} rounds/s "
+                    f"{last['split']} {metric}={last[metric]:.4f}"
                 )
-            log.write(records)
-            last = records[-1]
-            shown = last.get(setup.target_metric, last.get("loss"))
-            log.progress(
-                f"{config.algorithm} round {rounds}/{config.num_rounds} "
-                f"{(rounds - start) / max(time.time() - t0, 1e-9):.1f} rounds/s "
-                f"{last['split']} {setup.target_metric if setup.target_metric in last else 'loss'}"
-                f"={shown:.4f}"
-            )
-            if rounds % config.checkpoint_every == 0 or rounds == config.num_rounds:
-                manager.save(rounds, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()
+                if (
+                    rounds % config.checkpoint_every == 0
+                    or rounds == config.num_rounds
+                    or signals.received is not None
+                ):
+                    save(rounds)
+                    last_saved = rounds
+                if signals.received is not None:
+                    manager.wait_until_finished()
+                    log.progress(
+                        f"signal {signals.received}: checkpoint of round {rounds} written; "
+                        "re-run the same command to resume"
+                    )
+                    if signals.received == signal.SIGINT:
+                        raise KeyboardInterrupt
+                    raise SystemExit(128 + signals.received)
+            manager.wait_until_finished()
     finally:
         log.close()
         manager.close()
 
-    test = evaluate(state, jax.random.fold_in(k_eval, 2**31 - 1), setup.test_data)
+    with no_jit():
+        test = evaluate(state, put(jax.random.fold_in(k_eval, 2**31 - 1)), test_data)
     summary = {
         "algorithm": config.algorithm,
         "task": config.task,
-        "rounds": int(state.round),
+        "rounds": int(jax.device_get(state.round)),
         "wall_s": time.time() - t0,
-        "test": _summary(jax.device_get(test)),
+        "test": _summary(sharding.to_host(test)),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if lead:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 
