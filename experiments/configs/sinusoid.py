@@ -1,15 +1,28 @@
 """Federated sinusoid regression: second-order against first-order meta-learning.
 
 Each client owns one sinusoid y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi] (MAML, Finn et
-al. 2017, section 5.1); a round samples 10 clients, each adapts on K = 10 support points and is
-scored on 10 query points. Held-out clients are evaluated after adapting on their own support
-points only. Needs no data files: tasks are drawn with jax.random inside the jitted round.
+al. 2017, section 5.1); a round samples 10 of 1,000 clients, each adapts on K = 10 support
+points and is scored on 10 query points. 600 held-out clients are evaluated after 10 steps of
+rate 0.01 on their own support points only. Needs no data files: tasks are drawn with
+jax.random inside the jitted round.
 
-Command (the README's main job, CPU, a few minutes):
+* FedMeta (MAML / FOMAML): the client sends its meta-gradient, the server applies Adam(1e-3).
+* Per-FedAvg (SO / FO): 5 local meta-steps of rate beta = 5e-3, server model average. (With
+  the earlier beta = 1e-3, 2,000 rounds left Per-FedAvg untrained: MSE ~ 3.4, no difference
+  between the orders; beta = 1e-2 made the second-order run unstable.)
+* FedAvg + fine-tuning: the baseline, 5 local steps of rate 1e-2, 10 fine-tuning steps.
+
+Command (the README's main job, CPU, about 3 minutes on a 2-core CPU shared with other jobs,
+mostly compilation):
 
     python experiments/main.py --config=experiments/configs/sinusoid.py --workdir=runs/sinusoid
 
-Prints a table of personalised test MSE per algorithm (second order vs first order) at the end.
+Prints a table of personalised test MSE per algorithm (second order vs first order) at the
+end; the numbers of the last run are in experiments/RESULTS.md, section 5. Last run (186 s
+wall, 2-core CPU shared with other jobs): MSE after 10 steps over 600 held-out clients,
+FedMeta-MAML 0.71 ± 0.09 vs FedMeta-FOMAML 1.09 ± 0.13, Per-FedAvg-SO 0.42 ± 0.04 vs
+Per-FedAvg-FO 0.62 ± 0.07, FedAvg + fine-tuning 0.79 ± 0.18: second order below first order
+in both pairs, the 95% intervals apart.
 """
 
 import ml_collections
@@ -24,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_seed = 0
     c.hidden = (40, 40)
     c.num_clients = 1000
-    c.num_eval_clients = 200
+    c.num_eval_clients = 600  # a 95% CI narrow enough to tell the orders apart
     c.support_size = 10
     c.query_size = 10
     # Round.
@@ -41,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.server_lr = 1e-3
     # Per-algorithm fields ('-' written as '_'): Per-FedAvg and FedAvg average models (server
     # SGD with rate 1) after several local steps of rate beta; FedAvg is scored after fine-tuning.
-    per_fedavg = dict(local_steps=5, local_lr=1e-3, server_optimizer="sgd", server_lr=1.0)
+    per_fedavg = dict(local_steps=5, local_lr=5e-3, server_optimizer="sgd", server_lr=1.0)
     c.overrides = ml_collections.ConfigDict(
         {
             "perfedavg_so": per_fedavg,
@@ -55,4 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    # Scale-out and failures (see the README): the client axis spans every visible device.
+    c.mesh_shape = (-1,)
+    c.mesh_axes = ("clients",)
+    c.client_axis = "clients"
+    c.distributed = False
+    c.debug_nojit = False
+    c.dropout_prob = 0.0
+    c.straggler_prob = 0.0
     return c

@@ -1,0 +1,491 @@
+"""Task sources of the reproductions, registered with :func:`fmljax.train.register_task`.
+
+Each builder turns an ml_collections config into a :class:`fmljax.train.TaskSetup` (model,
+loss, metrics, task sampler, train / validation / test clients); ``config.task`` picks one:
+
+* ``'sinusoid-maml'``: non-federated meta-learning on MAML's sinusoid distribution (Finn,
+  Abbeel & Levine, 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
+  ICML, section 5.1). See *Centralised meta-learning as a federated round* below.
+* ``'omniglot'`` with ``config.partition``:
+
+  - ``'episodic'``: MAML's Omniglot N-way K-shot episodes (Finn et al., 2017; Vinyals et al.,
+    2016) from the 1,100 / 100 / 423 character split of the reference code, per-task random
+    quarter-turn rotations, the strided Conv4 with batch norm on each batch's own statistics;
+  - ``'alphabet'``: federated Omniglot, one client per alphabet (FedMeta, Chen, Luo, Dong, Li
+    & He, 2018, "Federated Meta-Learning with Fast Convergence and Efficient
+    Communication"): the 30 background alphabets train, the 20 evaluation alphabets are new
+    clients, each adapting on an episode of 10 support drawings per character and scored on 5
+    validation drawings (periodic evaluation) or its 5 held-out test drawings (the summary).
+
+* ``'synthetic'``: Synthetic(alpha, beta) (Li et al., 2020, FedProx) with the pFedMe protocol
+  (Dinh, Tran & Nguyen, 2020, "Personalized Federated Learning with Moreau Envelopes",
+  NeurIPS): 100 users, multinomial logistic regression, each user scored on its held-out data
+  after ``eval_inner_steps`` full-batch steps on its whole training set.
+* ``'digits'``: scikit-learn's 8x8 digits split pathologically, 2 classes per client
+  (McMahan et al., 2017), an MLP, the same personalised evaluation.
+
+For the labelled sets a fraction ``val_fraction`` of each client's training examples is held
+out for validation. Validation rounds also score the test set of the same clients (the
+``test_*`` metrics of ``metrics.jsonl``), so the test metric at the round chosen on
+validation can be read back without another run; the selection uses validation only.
+
+Centralised meta-learning as a federated round
+    With ONE client whose data is the whole meta-training distribution, ``clients_per_round
+    = 1``, ``local_steps = 1``, ``local_lr = 1`` and ``tasks_per_client = B`` (the
+    meta-batch), a round computes the mean of the B per-task meta-gradients, the client's
+    delta is exactly that mean, and the server optimiser (Adam) applies it: this is MAML's
+    outer step, line for line (``fedmeta-maml`` = MAML, ``fedmeta-fomaml`` = first-order
+    MAML, ``fedmeta-metasgd`` = Meta-SGD). ``fedreptile`` with server SGD of rate epsilon is
+    serial-batch Reptile (Nichol, Achiam & Schulman, 2018); ``fedavg`` trained this way (loss
+    of the un-adapted model on support and query together) and scored with
+    ``fine_tune=True`` is MAML's "pretrained" baseline. ``'sinusoid-maml'`` draws a fresh
+    sinusoid for every task of every round (the training client carries no function);
+    ``'omniglot'`` episodic passes the 1,100 training characters as that one client.
+
+Evaluation tasks
+    The training loop scores each evaluation *client* (mean and 95% CI over clients), so the
+    test "clients" of ``'sinusoid-maml'`` are 600 fixed sinusoids and those of episodic
+    ``'omniglot'`` are ``num_eval_tasks`` task ids, each drawing one episode from the held-out
+    characters (a device constant of the evaluation program): 600 test tasks, one each.
+
+Loss scaling and batch norm of the MAML reference code (``cbfinn/maml``)
+    Its Omniglot loss is ``softmax_cross_entropy / update_batch_size`` per example and the
+    inner gradient is ``tf.gradients`` of that vector, i.e. of its SUM: the inner loss is
+    ``N * mean cross-entropy`` (N ways). ``config.loss_scaling = 'reference'`` (the default
+    for Omniglot) uses that loss, so that the reference inner rates 0.4 / 0.1 mean what they
+    meant there (with a plain mean they would be N times smaller steps); ``'mean'`` uses the
+    mean. The outer loss is the mean over tasks of the same quantity; Adam is invariant to the
+    constant. Batch norm normalises every batch (support or query, train or test) with its
+    own statistics and keeps no running averages, the reference's mode (``is_training`` is
+    never False there); the learned offset, no learned scale (``center=True, scale=False``).
+
+Sinusoid metrics after 1 and 10 steps
+    ``'sinusoid-maml'`` evaluates with ``eval_inner_steps`` (1) steps as every algorithm
+    adapts (Meta-SGD with its learned rates), and its metrics add ``mse_10steps``: the same
+    adapted model after 9 further plain SGD steps of rate ``inner_lr`` on the same K support
+    points (the query batch carries them as ``'sx'``, ``'sy'``). For Meta-SGD the 9 extra
+    steps use the scalar ``inner_lr``, not the learned rates.
+
+Omniglot without the archive
+    ``config.omniglot_source = 'procedural'`` builds a small procedural stand-in (random stroke
+    prototypes per class, jittered drawings; alphabets of 10 characters) for tests and smoke
+    runs; otherwise the archive is read from ``config.omniglot_source`` or
+    ``$FMLJAX_OMNIGLOT``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import fmljax
+from fmljax.data.episodes import (
+    client_batch_sampler,
+    episode_task_sampler,
+    full_client_task,
+    sample_episode,
+)
+from fmljax.data.partition import pad_clients
+from fmljax.data.sinusoid import AMPLITUDE_RANGE, PHASE_RANGE, sinusoid_task_sampler
+from fmljax.train import TaskSetup, register_task
+
+__all__ = [
+    "LOSS_SCALINGS",
+    "OMNIGLOT_PARTITIONS",
+    "build_model",
+    "carve_validation",
+    "param_bytes",
+    "procedural_omniglot",
+]
+
+LOSS_SCALINGS = ("reference", "mean")
+OMNIGLOT_PARTITIONS = ("episodic", "alphabet")
+
+Batch = dict[str, jax.Array]
+
+
+def _need(config: ml_collections.ConfigDict, cond: bool, field: str, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"config.{field}={config.get(field)!r} is invalid: must be {allowed}")
+
+
+def _dtype(config: ml_collections.ConfigDict):
+    return jnp.float64 if config.get("float64", False) else jnp.float32
+
+
+def build_model(config: ml_collections.ConfigDict) -> fmljax.Model:
+    """The model of ``config.task`` (no data is loaded: used to count communicated bytes)."""
+    task = config.task
+    dtype = _dtype(config)
+    if task in ("sinusoid", "sinusoid-maml"):
+        return fmljax.mlp((1, *tuple(config.get("hidden", (40, 40))), 1), dtype=dtype)
+    if task == "omniglot":
+        return fmljax.conv4(
+            config.ways,
+            filters=config.filters,
+            mode=config.get("conv_mode", "strided"),
+            dtype=dtype,
+        )
+    if task == "synthetic":
+        return fmljax.logistic_regression(60, 10, dtype=dtype)
+    if task == "digits":
+        return fmljax.mlp((64, *tuple(config.get("hidden", (100,))), 10), dtype=dtype)
+    raise ValueError(f"config.task={task!r} has no model here")
+
+
+# --------------------------------------------------------------------------------------------
+# Sinusoid regression, MAML's setting (non-federated meta-learning).
+
+
+@register_task("sinusoid-maml")
+def _sinusoid_maml(config: ml_collections.ConfigDict) -> TaskSetup:
+    k, q = config.support_size, config.query_size
+    q_eval = config.get("eval_query_size", q)
+    for field, value in (("support_size", k), ("query_size", q), ("eval_query_size", q_eval)):
+        _need(config, isinstance(value, int) and value >= 1, field, "an int >= 1")
+    extra = config.get("extra_eval_steps", 9)
+    _need(config, isinstance(extra, int) and extra >= 0, "extra_eval_steps", "an int >= 0")
+    dtype = _dtype(config)
+    model = build_model(config)
+    loss_fn = fmljax.mse_loss(model.apply)
+    train_sampler = sinusoid_task_sampler(k, q)
+    eval_sampler = sinusoid_task_sampler(k, q_eval)
+
+    def with_context(support: Batch, query: Batch) -> tuple[Batch, Batch]:
+        ctx = {"sx": support["x"], "sy": support["y"]}
+        return {**support, **ctx}, {**query, **ctx}
+
+    def sample_task(key: jax.Array, client: Mapping[str, jax.Array]) -> tuple[Batch, Batch]:
+        if "amplitude" in client:  # a fixed evaluation sinusoid
+            return with_context(*eval_sampler(key, client))
+        ka, kp, kt = jax.random.split(key, 3)  # the training client: a fresh sinusoid per task
+        fresh = {
+            "amplitude": jax.random.uniform(ka, (), dtype, *AMPLITUDE_RANGE),
+            "phase": jax.random.uniform(kp, (), dtype, *PHASE_RANGE),
+        }
+        return with_context(*train_sampler(kt, fresh))
+
+    def metrics_fn(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        out = {"mse": loss_fn(params, batch)}
+        if extra:
+            more = fmljax.adapt(
+                loss_fn,
+                params,
+                {"x": batch["sx"], "y": batch["sy"]},
+                inner_lr=config.inner_lr,
+                inner_steps=extra,
+            )
+            out[f"mse_{config.get('eval_inner_steps', 1) + extra}steps"] = loss_fn(more, batch)
+        return out
+
+    key = jax.random.key(config.data_seed)
+    k_va, k_te = jax.random.split(key)
+    n_eval = config.get("num_eval_tasks", 600)
+    return TaskSetup(
+        model=model,
+        loss_fn=loss_fn,
+        metrics_fn=metrics_fn,
+        sample_task=sample_task,
+        train_data={"num_examples": jnp.ones((1,), dtype)},
+        val_data=fmljax.data.sample_sinusoid_clients(k_va, config.get("num_val_tasks", 100), dtype),
+        test_data=fmljax.data.sample_sinusoid_clients(k_te, n_eval, dtype),
+        target_metric="mse",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Omniglot.
+
+
+def procedural_omniglot(
+    num_alphabets: int = 8,
+    chars_per_alphabet: int = 10,
+    drawings: int = 20,
+    image_size: int = 28,
+    seed: int = 0,
+) -> fmljax.data.omniglot.OmniglotData:
+    """A procedural Omniglot stand-in: each character a few random strokes (its prototype),
+    each drawing the prototype shifted by up to one pixel with 5% of the ink pixels dropped.
+
+    The first half of the alphabets are "background", the rest "evaluation"."""
+    from fmljax.data.omniglot import OmniglotData
+
+    rng = np.random.default_rng(seed)
+    n = num_alphabets * chars_per_alphabet
+    s = image_size
+    images = np.zeros((n, drawings, s, s), np.uint8)
+    for c in range(n):
+        proto = np.zeros((s + 2, s + 2), np.uint8)
+        for _ in range(3):  # three straight strokes
+            x0, y0, x1, y1 = rng.integers(3, s - 1, 4)
+            t = np.linspace(0, 1, 2 * s)
+            proto[
+                np.round(y0 + t * (y1 - y0)).astype(int), np.round(x0 + t * (x1 - x0)).astype(int)
+            ] = 1
+        for d in range(drawings):
+            dy, dx = rng.integers(0, 3, 2)
+            img = proto[dy : dy + s, dx : dx + s].copy()
+            img[rng.random(img.shape) < 0.05] = 0
+            images[c, d] = img
+    alphabet = np.repeat(np.arange(num_alphabets, dtype=np.int32), chars_per_alphabet)
+    return OmniglotData(
+        images=images,
+        character=np.arange(n, dtype=np.int32),
+        alphabet=alphabet,
+        character_in_alphabet=np.tile(np.arange(chars_per_alphabet, dtype=np.int32), num_alphabets),
+        background=alphabet < num_alphabets // 2,
+        rotation=np.zeros(n, np.int32),
+        alphabet_names=tuple(f"alphabet{i}" for i in range(num_alphabets)),
+    )
+
+
+def _load_omniglot(config: ml_collections.ConfigDict):
+    from fmljax.data.omniglot import load_omniglot
+
+    source = config.get("omniglot_source", None)
+    size = config.get("image_size", 28)
+    if source == "procedural":
+        return procedural_omniglot(image_size=size, seed=config.data_seed)
+    return load_omniglot(source, image_size=size)
+
+
+def _classification_fns(config: ml_collections.ConfigDict, model: fmljax.Model):
+    scaling = config.get("loss_scaling", "mean")
+    _need(config, scaling in LOSS_SCALINGS, "loss_scaling", f"one of {LOSS_SCALINGS}")
+    ce = fmljax.cross_entropy_loss(model.apply)
+    scale = float(config.ways) if scaling == "reference" else 1.0
+    loss_fn = ce if scale == 1.0 else (lambda p, b: scale * ce(p, b))
+    return loss_fn, fmljax.classification_metrics(model.apply)
+
+
+@register_task("omniglot")
+def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
+    from fmljax.data.omniglot import omniglot_clients, split_omniglot
+
+    partition = config.get("partition", "episodic")
+    _need(config, partition in OMNIGLOT_PARTITIONS, "partition", f"one of {OMNIGLOT_PARTITIONS}")
+    for field in ("ways", "shots", "queries"):
+        v = config.get(field)
+        _need(config, isinstance(v, int) and v >= 1, field, "an int >= 1")
+    _need(config, config.ways >= 2, "ways", "an int >= 2")
+    data = _load_omniglot(config)
+    model = build_model(config)
+    loss_fn, metrics_fn = _classification_fns(config, model)
+    ways, shots, queries = config.ways, config.shots, config.queries
+    augmentation = config.get("augmentation", "maml" if partition == "episodic" else "none")
+
+    if partition == "episodic":
+        procedural = config.get("omniglot_source", None) == "procedural"
+        splits = split_omniglot(data, "maml", sizes=(40, 10) if procedural else None)
+        for name in ("train", "val", "test"):
+            if splits[name].num_classes < ways:
+                raise ValueError(
+                    f"config.ways={ways} is invalid: must be <= the {splits[name].num_classes} "
+                    f"{name} characters"
+                )
+        train_images = jnp.asarray(splits["train"].images)[None]  # one client: [1, classes, ...]
+        pools = {
+            "val": jnp.asarray(splits["val"].images),
+            "test": jnp.asarray(splits["test"].images),
+        }
+
+        def sample_task(key: jax.Array, client: Mapping[str, Any]):
+            if "images" in client:  # the meta-training client
+                pool = client["images"]
+            else:  # an evaluation task id: one episode of the held-out characters
+                pool = pools["val" if "val_task" in client else "test"]
+                key = jax.random.fold_in(
+                    key, client["val_task" if "val_task" in client else "test_task"]
+                )
+            return sample_episode(
+                key, pool, ways=ways, shots=shots, queries=queries, augmentation=augmentation
+            )
+
+        n_val = config.get("num_val_tasks", 100)
+        n_test = config.get("num_eval_tasks", 600)
+        return TaskSetup(
+            model=model,
+            loss_fn=loss_fn,
+            metrics_fn=metrics_fn,
+            sample_task=sample_task,
+            train_data={"images": train_images, "num_examples": jnp.ones((1,), jnp.float32)},
+            val_data={"val_task": jnp.arange(n_val)},
+            test_data={"test_task": jnp.arange(n_test)},
+            target_metric="accuracy",
+        )
+
+    # One client per alphabet: the 30 background alphabets train; the 20 evaluation alphabets
+    # are new clients, each with 10 support drawings per character, 5 validation and 5 test.
+    held = omniglot_clients(split_omniglot(data, "background-evaluation")["test"], seed=0)
+    train = omniglot_clients(
+        split_omniglot(data, "background-evaluation")["train"], seed=config.data_seed
+    )
+    train_only = {k: v for k, v in train.items() if k != "test_images"}
+    e_sup = held["images"].shape[2] - held["test_images"].shape[2]
+    if e_sup < shots:
+        raise ValueError(f"config.shots={shots} is invalid: must be <= {e_sup}")
+    common = {k: held[k] for k in ("num_classes", "num_examples")}
+    val_data = {
+        **common,
+        "images": held["images"][:, :, :e_sup],
+        "test_images": held["images"][:, :, e_sup:],
+        "heldout_images": held["test_images"],
+    }
+    test_data = {**common, "images": val_data["images"], "test_images": held["test_images"]}
+    train_sampler = episode_task_sampler(
+        ways=ways, shots=shots, queries=queries, augmentation=augmentation, data=train_only
+    )
+    eval_sampler = episode_task_sampler(
+        ways=ways, shots=shots, queries=queries, query_key="test_images", data=test_data
+    )
+    heldout_sampler = episode_task_sampler(
+        ways=ways, shots=shots, queries=queries, query_key="heldout_images", data=val_data
+    )
+
+    def sample_fed(key: jax.Array, client: Mapping[str, Any]):
+        if "test_images" not in client:
+            return train_sampler(key, client)
+        support, query = eval_sampler(key, client)
+        if "heldout_images" in client:  # the same episode (key, classes, labels, support) ...
+            held_query = heldout_sampler(key, client)[1]  # ... scored on the test drawings
+            query = {**query, "hx": held_query["x"], "hy": held_query["y"]}
+        return support, query
+
+    return TaskSetup(
+        model=model,
+        loss_fn=loss_fn,
+        metrics_fn=_with_heldout(metrics_fn),
+        sample_task=sample_fed,
+        train_data=train_only,
+        val_data=val_data,
+        test_data=test_data,
+        target_metric="accuracy",
+    )
+
+
+def _with_heldout(metrics_fn):
+    """Metrics on the query and, where the query carries a held-out test set (``'hx'``,
+    ``'hy'``, optional ``'hmask'``: validation rounds), the same metrics on it as ``test_*``,
+    so that ``metrics.jsonl`` holds the test metric of the round chosen on validation."""
+
+    def metrics(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        out = metrics_fn(params, {k: batch[k] for k in ("x", "y", "mask") if k in batch})
+        if "hx" in batch:
+            held = {"x": batch["hx"], "y": batch["hy"]}
+            if "hmask" in batch:
+                held["mask"] = batch["hmask"]
+            out.update({f"test_{k}": v for k, v in metrics_fn(params, held).items()})
+        return out
+
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled federated datasets: Synthetic(alpha, beta) and digits.
+
+
+def carve_validation(fed: Mapping[str, Any], fraction: float, seed: int = 0) -> dict[str, Any]:
+    """Split each client's train examples into train and validation.
+
+    ``fed`` is a padded federated dataset (:func:`fmljax.data.partition.federate` layout).
+    Returns ``{'train': {'train': ...,'num_examples'}, 'val': {'train', 'test': val part,
+    'heldout': test part}, 'test': {'train', 'test'}}``: the last ``max(1, int(fraction *
+    n))`` of a client's ``n`` train examples (already shuffled by the partition) become its
+    validation set; the test part is untouched. Training clients see only ``'train'``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"carve_validation: fraction={fraction!r} must be in (0, 1)")
+    del seed
+    x, y, mask = (np.asarray(fed["train"][k]) for k in ("x", "y", "mask"))
+    tr_x, tr_y, va_x, va_y = [], [], [], []
+    for c in range(x.shape[0]):
+        n = int(mask[c].sum())
+        n_val = max(1, int(fraction * n))
+        if n - n_val < 1:
+            raise ValueError(f"carve_validation: client {c} has {n} train examples, too few")
+        tr_x.append(x[c, : n - n_val])
+        tr_y.append(y[c, : n - n_val])
+        va_x.append(x[c, n - n_val : n])
+        va_y.append(y[c, n - n_val : n])
+    train = pad_clients(tr_x, tr_y)
+    num = jnp.asarray([len(t) for t in tr_y], jnp.float32)
+    return {
+        "train": {"train": train, "num_examples": num},
+        "val": {
+            "train": train,
+            "test": pad_clients(va_x, va_y),
+            "heldout": dict(fed["test"]),
+            "num_examples": num,
+        },
+        "test": {"train": train, "test": dict(fed["test"]), "num_examples": num},
+    }
+
+
+def _labelled_setup(
+    config: ml_collections.ConfigDict, fed: Mapping[str, Any], model: fmljax.Model
+) -> TaskSetup:
+    parts = carve_validation(fed, config.get("val_fraction", 0.2))
+    batch = config.get("batch_size", 20)
+    train_sampler = client_batch_sampler(batch, batch, source="train", data=parts["train"])
+
+    def sample_task(key: jax.Array, client: Mapping[str, Any]):
+        if "test" not in client:
+            return train_sampler(key, client)
+        support, query = full_client_task(key, client)  # whole train set -> held-out set
+        if "heldout" in client:  # validation rounds also score the test set (``test_*``)
+            h = client["heldout"]
+            query = {**query, "hx": h["x"], "hy": h["y"], "hmask": h["mask"]}
+        return support, query
+
+    loss_fn = fmljax.cross_entropy_loss(model.apply)
+    return TaskSetup(
+        model=model,
+        loss_fn=loss_fn,
+        metrics_fn=_with_heldout(fmljax.classification_metrics(model.apply)),
+        sample_task=sample_task,
+        train_data=parts["train"],
+        val_data=parts["val"],
+        test_data=parts["test"],
+        target_metric="accuracy",
+    )
+
+
+@register_task("synthetic")
+def _synthetic(config: ml_collections.ConfigDict) -> TaskSetup:
+    from fmljax.data.synthetic import synthetic_federated
+
+    fed = synthetic_federated(
+        config.get("alpha", 0.5),
+        config.get("beta", 0.5),
+        num_clients=config.get("num_clients", 100),
+        variant=config.get("variant", "pfedme"),
+        seed=config.data_seed,
+        max_examples=config.get("max_examples", None),
+    )
+    return _labelled_setup(config, fed, build_model(config))
+
+
+@register_task("digits")
+def _digits(config: ml_collections.ConfigDict) -> TaskSetup:
+    from fmljax.data.digits import digits_federated
+
+    fed = digits_federated(
+        config.get("num_clients", 50),
+        partition=config.get("partition", "pathological"),
+        classes_per_client=config.get("classes_per_client", 2),
+        seed=config.data_seed,
+    )
+    return _labelled_setup(config, fed, build_model(config))
+
+
+def param_bytes(config: ml_collections.ConfigDict) -> int:
+    """Bytes of one copy of the communicated meta-model (Meta-SGD: parameters and rates)."""
+    model = build_model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    n = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+    return 2 * n if config.algorithm == "fedmeta-metasgd" else n
