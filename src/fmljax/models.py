@@ -21,14 +21,25 @@ import jax.numpy as jnp
 Params = Any  # a PyTree of arrays
 PRNGKey = jax.Array
 
-__all__ = ["Model", "batch_norm", "conv4", "logistic_regression", "mlp"]
+__all__ = [
+    "CONV_IMPLS",
+    "Model",
+    "batch_norm",
+    "conv2d_same",
+    "conv4",
+    "logistic_regression",
+    "mlp",
+]
+
+#: Convolution implementations of :func:`conv4` (``impl=``); see :func:`conv2d_same`.
+CONV_IMPLS = ("auto", "lax", "im2col")
 
 
 class Model(NamedTuple):
     """A pure model: ``init(key) -> params`` and ``apply(params, x) -> outputs``."""
 
     init: Callable[[PRNGKey], Params]
-    apply: Callable[[Params, jax.Array], jax.Array]
+    apply: Callable[..., jax.Array]  # apply(params, x, mask=None) -> outputs
 
 
 def _dense_init(key: PRNGKey, fan_in: int, fan_out: int, dtype) -> dict[str, jax.Array]:
@@ -67,7 +78,8 @@ def mlp(
                 layers.append({"w": w, "b": jnp.zeros((fo,), dtype)})
         return {f"dense{i}": layer for i, layer in enumerate(layers)}
 
-    def apply(params: Params, x: jax.Array) -> jax.Array:
+    def apply(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        del mask  # examples are independent
         n = len(sizes) - 1
         h = x.reshape(x.shape[0], -1)
         for i in range(n):
@@ -94,7 +106,8 @@ def logistic_regression(num_features: int, num_classes: int, dtype=jnp.float32) 
             "b": jnp.zeros((num_classes,), dtype),
         }
 
-    def apply(params: Params, x: jax.Array) -> jax.Array:
+    def apply(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        del mask  # examples are independent
         return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
 
     return Model(init, apply)
@@ -105,20 +118,89 @@ def batch_norm(
     scale: jax.Array | None = None,
     offset: jax.Array | None = None,
     eps: float = 1e-3,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Normalise ``x`` [B, H, W, ch] with the mean and variance of this batch (no running stats).
 
     ``eps = 1e-3`` is TensorFlow's ``batch_norm`` default used by the MAML reference code.
+    ``mask`` [B] (1 = real example) keeps padded examples out of the statistics.
     """
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
-    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    if mask is None:
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)
+    else:
+        m = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        count = jnp.maximum(jnp.sum(m) * (x[0].size // x.shape[-1]), 1.0)
+        mean = jnp.sum(x * m, axis=axes) / count
+        var = jnp.sum(jnp.square(x - mean) * m, axis=axes) / count
     y = (x - mean) * jax.lax.rsqrt(var + eps)
     if scale is not None:
         y = y * scale
     if offset is not None:
         y = y + offset
     return y
+
+
+def _same_pads(n: int, stride: int, k: int) -> tuple[int, int, int]:
+    """(pad_low, pad_high, out) of XLA's ``'SAME'`` padding along one spatial axis."""
+    out = -(-n // stride)
+    total = max((out - 1) * stride + k - n, 0)
+    return total // 2, total - total // 2, out
+
+
+def _resolve_conv_impl(impl: str) -> str:
+    # "auto": measured in benchmarks/RESULTS.md. On XLA:CPU a convolution whose weights differ
+    # per task (vmap over tasks after the inner step) lowers to a grouped convolution whose
+    # backward pass is very slow (jax issue 13800); im2col + matmul is several times faster
+    # there. Accelerators run grouped convolutions natively (cuDNN / TPU), so "auto" keeps the
+    # lax convolution on them (not measured here: no accelerator was available).
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+def conv2d_same(x: jax.Array, w: jax.Array, stride: int, impl: str = "lax") -> jax.Array:
+    """2-D convolution, ``'SAME'`` padding: ``x`` [B, H, W, cin], ``w`` [kh, kw, cin, cout].
+
+    ``impl="lax"``: ``jax.lax.conv_general_dilated``. ``impl="im2col"``: the ``kh * kw``
+    shifted (strided) slices of the padded input are concatenated into patches
+    [B, Ho, Wo, kh * kw * cin] and multiplied by the kernel reshaped to [kh * kw * cin, cout].
+    Both compute the same function (equal up to float rounding, to all orders of derivative).
+    Under ``vmap`` with per-item weights, im2col becomes a batched matrix product, and its
+    derivatives are matrix products, pads and slices: no grouped convolution anywhere (unlike
+    ``lax.conv_general_dilated_patches``, whose transpose is one).
+    """
+    impl = _resolve_conv_impl(impl)
+    if impl == "lax":
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=(stride, stride),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if impl != "im2col":
+        raise ValueError(f"conv2d_same: impl={impl!r} is not one of {CONV_IMPLS}")
+    b, h, wd, c = x.shape
+    kh, kw, cin, cout = w.shape
+    if cin != c:
+        raise ValueError(f"conv2d_same: input has {c} channels, kernel expects {cin}")
+    pt, pb, ho = _same_pads(h, stride, kh)
+    pl, pr, wo = _same_pads(wd, stride, kw)
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    cols = [
+        jax.lax.slice(
+            xp,
+            (0, dh, dw, 0),
+            (b, dh + (ho - 1) * stride + 1, dw + (wo - 1) * stride + 1, c),
+            (1, stride, stride, 1),
+        )
+        for dh in range(kh)
+        for dw in range(kw)
+    ]
+    patches = jnp.concatenate(cols, axis=-1)  # [B, Ho, Wo, kh*kw*cin], (dh, dw, c) order = HWIO
+    return jnp.einsum("bhwk,kc->bhwc", patches, w.reshape(kh * kw * cin, cout))
 
 
 def conv4(
@@ -130,6 +212,7 @@ def conv4(
     bn_scale: bool = False,
     bn_offset: bool = True,
     dtype=jnp.float32,
+    impl: Literal["auto", "lax", "im2col"] = "auto",
 ) -> Model:
     """The 4-block convolutional network of MAML's Omniglot/MiniImagenet experiments.
 
@@ -140,7 +223,16 @@ def conv4(
     Omniglot net); in ``"pooled"`` mode it has stride 1 and is followed by a 2x2 max-pool.
     The features are averaged over space and a linear head maps them to ``num_classes`` logits.
 
-    ``apply(params, x)`` takes ``x`` [B, H, W, in_channels] and returns logits [B, num_classes].
+    ``apply(params, x, mask=None)`` takes ``x`` [B, H, W, in_channels] and returns logits
+    [B, num_classes]; ``mask`` [B] keeps padded examples out of the batch-norm statistics.
+
+    ``impl`` picks the convolution (see :func:`conv2d_same`): ``"lax"``
+    (``lax.conv_general_dilated``), ``"im2col"`` (strided slices + matrix product), or
+    ``"auto"`` (the default): ``"im2col"`` on CPU, ``"lax"`` on GPU/TPU, resolved when
+    ``apply`` is traced. Why, with the measurements: ``benchmarks/RESULTS.md``. On CPU the
+    one-jit task-batched MAML meta-step with ``"im2col"`` is several times faster than with
+    ``"lax"``, whose per-task-weight convolutions become grouped convolutions under ``vmap``.
+    All choices compute the same function; parameters are interchangeable.
     """
     if num_classes < 2 or in_channels < 1 or filters < 1:
         raise ValueError(
@@ -149,6 +241,8 @@ def conv4(
         )
     if mode not in ("strided", "pooled"):
         raise ValueError(f"conv4: mode={mode!r} is not one of 'strided', 'pooled'")
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv4: impl={impl!r} is not one of {CONV_IMPLS}")
     stride = 2 if mode == "strided" else 1
 
     def init(key: PRNGKey) -> Params:
@@ -175,19 +269,13 @@ def conv4(
         }
         return params
 
-    def apply(params: Params, x: jax.Array) -> jax.Array:
+    def apply(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         h = x
         for i in range(4):
             p = params[f"conv{i}"]
-            h = jax.lax.conv_general_dilated(
-                h,
-                p["w"],
-                window_strides=(stride, stride),
-                padding="SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            h = conv2d_same(h, p["w"], stride, impl)
             h = h + p["b"]
-            h = batch_norm(h, p.get("scale"), p.get("offset"))
+            h = batch_norm(h, p.get("scale"), p.get("offset"), mask=mask)
             h = jax.nn.relu(h)
             if mode == "pooled":
                 h = jax.lax.reduce_window(
