@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 import fmljax
@@ -62,3 +63,33 @@ def flat(tree) -> np.ndarray:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def tiny_sinusoid_config(**overrides) -> ml_collections.ConfigDict:
+    """A tiny federated sinusoid run config for ``fmljax.train`` (a few rounds, a 1-4-1 MLP)."""
+    c = {
+        "task": "sinusoid",
+        "algorithm": "fedmeta-maml",
+        "seed": 0,
+        "data_seed": 0,
+        "hidden": (4,),
+        "num_clients": 8,
+        "num_eval_clients": 2,
+        "support_size": 3,
+        "query_size": 3,
+        "clients_per_round": 2,
+        "tasks_per_client": 1,
+        "local_steps": 1,
+        "local_lr": 0.1,
+        "inner_lr": 0.01,
+        "inner_steps": 1,
+        "eval_inner_steps": 1,
+        "server_optimizer": "adam",
+        "server_lr": 1e-3,
+        "num_rounds": 4,
+        "rounds_per_call": 2,
+        "eval_every": 4,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 1,
+    }
+    return ml_collections.ConfigDict(c | overrides)

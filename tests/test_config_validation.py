@@ -8,38 +8,14 @@ import re
 import jax
 import ml_collections
 import pytest
+from helpers import tiny_sinusoid_config
 
 import fmljax
 from fmljax import sharding, train
 
 
 def _config(**kw) -> ml_collections.ConfigDict:
-    c = dict(
-        task="sinusoid",
-        algorithm="fedmeta-maml",
-        seed=0,
-        data_seed=0,
-        hidden=(4,),
-        num_clients=8,
-        num_eval_clients=2,
-        support_size=3,
-        query_size=3,
-        clients_per_round=2,
-        tasks_per_client=1,
-        local_steps=1,
-        local_lr=0.1,
-        inner_lr=0.01,
-        inner_steps=1,
-        eval_inner_steps=1,
-        server_optimizer="adam",
-        server_lr=1e-3,
-        num_rounds=4,
-        rounds_per_call=2,
-        eval_every=4,
-        checkpoint_every=2,
-        keep_checkpoints=1,
-    )
-    return ml_collections.ConfigDict(c | kw)
+    return tiny_sinusoid_config(**kw)
 
 
 @train.register_task("test-three-features")

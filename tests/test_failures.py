@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from helpers import flat, rel_err
+from helpers import flat, rel_err, tiny_sinusoid_config
 
 import fmljax
 from fmljax import train
@@ -131,33 +131,15 @@ def _nan_task(config: ml_collections.ConfigDict) -> train.TaskSetup:
 
 
 def _loop_config(**kw) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict(
-        dict(
-            task="test-sinusoid-nan",
-            algorithm="fedmeta-fomaml",
-            seed=0,
-            data_seed=0,
-            hidden=(4,),
-            num_clients=8,
-            num_eval_clients=2,
-            support_size=3,
-            query_size=3,
-            clients_per_round=2,
-            tasks_per_client=1,
-            local_steps=1,
-            local_lr=0.1,
-            inner_lr=0.01,
-            inner_steps=1,
-            eval_inner_steps=1,
-            server_optimizer="sgd",
-            server_lr=1.0,
-            num_rounds=12,
-            rounds_per_call=2,
-            eval_every=12,
-            checkpoint_every=2,
-            keep_checkpoints=3,
-            nan_client=0,
-        )
+    c = tiny_sinusoid_config(
+        task="test-sinusoid-nan",
+        algorithm="fedmeta-fomaml",
+        server_optimizer="sgd",
+        server_lr=1.0,
+        num_rounds=12,
+        eval_every=12,
+        keep_checkpoints=3,
+        nan_client=0,
     )
     c.update(kw)
     return c
