@@ -128,7 +128,9 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     finished = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    assert finished and len(finished) <= config.keep_checkpoints
+    # Orbax commits asynchronously: a kill soon after a save may leave that step uncommitted
+    # (then the resume starts from an earlier one, or from round 0); never a half-written one.
+    assert len(finished) <= config.keep_checkpoints
     for step in finished:  # every checkpoint that looks whole is whole (temp dir + rename)
         got = train.load_checkpoint(run_dir, step)
         assert got["meta"]["round"] == step == int(got["state"]["server"]["round"])
