@@ -343,9 +343,8 @@ def build(root: str) -> str:
         "each. Paper column: Li et al., 2017 (Meta-SGD), Table 1, one step (the MAML and "
         "Reptile papers show this experiment only in figures). **Shortened** to the iterations "
         "shown (the `full` variant is 70,000; not run here). The 10-step column continues the "
-        "1-step model with 9 plain SGD steps of rate 0.01; for Meta-SGD those 9 steps use the "
-        "scalar rate, not its learned rates, and they diverge from its meta-learned weights, "
-        "so that column is not Meta-SGD's own 10-step protocol.\n",
+        "adaptation to 10 steps on the same K points with each algorithm's own rule (SGD of "
+        "rate 0.01; Meta-SGD with its learned per-parameter rates: `eval_more_steps`).\n",
         sinusoid_section(root),
         "\n## 3. Federated personalisation\n",
         "Command: `python experiments/main.py --config=experiments/configs/federated.py:"

@@ -154,7 +154,13 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(tmp_path):
     assert final["step"] == config.num_rounds
     for a, b in zip(_leaves(final["state"]), _leaves(ref["state"]), strict=True):
         np.testing.assert_array_equal(a, b)  # exactly: parameters, Adam moments, count, key
-    assert _train_records(run_dir) == _train_records(ref_dir)
+    assert _train_records(run_dir) == _train_records(ref_dir)  # the 'test' record included
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        walls = [json.loads(ln)["wall_s"] for ln in f]
+    assert walls == sorted(walls)  # wall_s counts on across the three processes
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["wall_s"] >= summary["wall_s_this_process"]
 
     # A checkpoint of another config is refused, naming what differs.
     with pytest.raises(ValueError) as info:

@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
     config.num_val_tasks = 16
     config.num_eval_tasks = 32
     config.eval_query_size = 10
-    config.extra_eval_steps = 2
+    config.eval_more_steps = (3,)
     config.server_lr = 1e-2  # a few hundred rounds must show progress
     workdir = str(tmp_path_factory.mktemp("sinusoid_maml"))
     summaries = train.run_experiment(config, workdir)
@@ -76,6 +76,16 @@ def test_files_and_improvement(run_dir):
         assert stat["n"] == 32 and math.isfinite(stat["mean"]) and stat["ci95"] > 0
     # One adaptation step on the support points helps the meta-learned initialisation.
     assert summary["test"]["mse"]["mean"] < summary["test"]["mse_before"]["mean"]
+    # The final evaluation is the last line of metrics.jsonl too.
+    (test_rec,) = [r for r in records if r["split"] == "test"]
+    assert records[-1] is test_rec and test_rec["round"] == 300
+    for name in ("mse", "mse_3steps", "mse_before"):
+        assert test_rec[name] == pytest.approx(summary["test"][name]["mean"], rel=1e-6)
+    # Bytes: the 1-16-16-1 MLP in float32, down and up, one client per round.
+    model_bytes = 4 * (16 + 16 + 16 * 16 + 16 + 16 + 1)
+    assert summary["model_bytes"] == model_bytes
+    assert summary["bytes_per_round"] == 2 * 1 * model_bytes
+    assert summary["bytes_communicated"] == 300 * 2 * model_bytes
 
 
 def test_plot_and_collect_read_the_run(run_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import jax
@@ -237,9 +238,43 @@ def test_personalized_evaluation_adapts_on_support_only(x64):
         np.testing.assert_allclose(got["mse_before"][c], loss(params, qry), rtol=1e-10)
 
 
+def test_more_evaluation_steps_keep_metasgd_learned_rates(x64):
+    """eval_more_steps continues the adaptation with the algorithm's rule: Meta-SGD's rates."""
+    model, loss, params, data, sampler = _setup()
+    alg = fmljax.build(
+        "fedmeta-metasgd", loss, sampler, _config(eval_inner_steps=1, eval_more_steps=(4, 2))
+    )
+    state = alg.init(params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    rates = jax.tree.unflatten(  # a different positive rate for every parameter
+        treedef,
+        [
+            jax.random.uniform(k, x.shape, x.dtype, 0.0, 0.1)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )
+    state = state._replace(params={"params": params, "inner_lr": rates})
+    got = jax.jit(alg.evaluate)(state, jax.random.key(9), data)
+    assert {"loss", "loss_2steps", "loss_4steps", "loss_before"} <= set(got)
+    ckeys = jax.random.split(jax.random.key(9), NUM_CLIENTS)
+    for c in range(NUM_CLIENTS):
+        client = jax.tree.map(lambda x: x[c], data)
+        sup, qry = sampler(jax.random.split(ckeys[c], 1)[0], client)
+        p, want = params, {}
+        for step in range(1, 5):
+            p = jax.tree.map(lambda a, r, g: a - r * g, p, rates, jax.grad(loss)(p, sup))
+            want[step] = loss(p, qry)
+        np.testing.assert_allclose(got["loss"][c], want[1], rtol=1e-10)
+        np.testing.assert_allclose(got["loss_2steps"][c], want[2], rtol=1e-10)
+        np.testing.assert_allclose(got["loss_4steps"][c], want[4], rtol=1e-10)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(eval_more_steps=(2,)), "eval_more_steps=(2,) is invalid: every count must be >"),
+        (dict(eval_more_steps=(0,)), "eval_more_steps=(0,) is invalid: must be a tuple of"),
         (
             dict(clients_per_round=0),
             "RoundConfig.clients_per_round=0 is invalid: must be an int >= 1",
@@ -252,7 +287,7 @@ def test_personalized_evaluation_adapts_on_support_only(x64):
 )
 def test_bad_config_is_named_before_compiling(kwargs, message):
     _, loss, _, _, sampler = _setup(jnp.float32)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         fmljax.build("fedmeta-maml", loss, sampler, _config(**kwargs))
 
 

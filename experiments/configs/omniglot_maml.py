@@ -16,16 +16,14 @@ Commands (``ARG`` = ``<ways>w<shots>s,<size>``, size ``cpu`` or ``full``):
         --workdir=runs/omniglot_maml/5w1s_cpu          # FMLJAX_OMNIGLOT=/path/omniglot.npz
 
 * ``cpu``: 16 filters, meta-batch 8 (5-way) / 4 (20-way), 300 (5-way, 0.5% of 60,000) / 100
-  (20-way, 0.17%) iterations, 100 / 50 test tasks; inner rates, steps, test steps and loss
-  as the reference. A 2-core CPU
-  shared with other jobs; wall time and result in experiments/RESULTS.md.
+  (20w1s, 0.17%) / 50 (20w5s, 0.08%) iterations, 100 / 50 test tasks; inner rates, steps, test
+  steps and loss as the reference. A 2-core CPU; wall time and result in
+  experiments/RESULTS.md.
 * ``full``: the reference settings above; needs a GPU (not run here).
 
-Results of the ``cpu`` variant (RESULTS.md section 1; test accuracy, 95% CI): 5w1s MAML
-54.0 ± 5.1 vs first order 52.6 ± 5.4 (408 s); 5w5s 79.6 ± 1.9 vs 75.5 ± 2.2 (1,237 s); 20w1s
-(100 iterations) 18.9 ± 2.0 vs 20.4 ± 2.1 (586 s); 20w5s not run (its CPU variant needs
-well over half an hour on the shared CPU). Far below the paper's 98.7 / 99.9 / 95.8 / 98.9:
-0.5% (0.17%) of the iterations, a quarter of the filters and meta-batch.
+Results of the ``cpu`` variant: experiments/RESULTS.md section 1 (test accuracy, 95% CI,
+wall time, the code version of each run). Far below the paper's 98.7 / 99.9 / 95.8 / 98.9:
+0.08% to 0.5% of the iterations, a quarter of the filters and meta-batch.
 * ``test``: the procedural stand-in data (``omniglot_source='procedural'``), a few
   iterations: for the tests only.
 """
@@ -86,6 +84,10 @@ def get_config(arg: str = "5w1s,cpu") -> ml_collections.ConfigDict:
         if not five:  # 20 ways, 5 second-order inner steps: a few times dearer per iteration
             c.num_val_tasks = 20
             c.num_eval_tasks = 50
+            if shots > 1:  # 20w5s: 5x the images of 20w1s per task
+                c.num_rounds = 50
+                c.eval_every = 50
+                c.checkpoint_every = 25
     if size == "test":
         c.filters = 4
         c.tasks_per_client = 2

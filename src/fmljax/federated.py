@@ -140,6 +140,9 @@ class RoundConfig:
       inner_steps: inner SGD steps of the meta-learners (>= 0; >= 1 for meta methods).
       eval_inner_steps: adaptation steps at evaluation; None means ``inner_steps``
         (0 for plain FedAvg, ``inner_steps`` for FedAvg + fine-tuning).
+      eval_more_steps: further adaptation step counts reported at evaluation, each larger
+        than the evaluation steps: ``evaluate`` keeps adapting with the same rule (Meta-SGD
+        with its learned per-parameter rates) and adds ``<metric>_<k>steps`` for every ``k``.
       eval_tasks_per_client: tasks per client at evaluation (>= 1).
       client_map, task_map: how clients / tasks are mapped: 'vmap', 'map', 'chunked', 'unroll'.
       client_chunk, task_chunk: chunk sizes for 'chunked'. The default 'vmap' for both was
@@ -162,6 +165,7 @@ class RoundConfig:
     inner_lr: float = 1e-2
     inner_steps: int = 1
     eval_inner_steps: int | None = None
+    eval_more_steps: tuple[int, ...] = ()
     eval_tasks_per_client: int = 1
     client_map: str = "vmap"
     task_map: str = "vmap"
@@ -203,6 +207,14 @@ class RoundConfig:
             or (is_int(self.eval_inner_steps) and self.eval_inner_steps >= 0),
             "eval_inner_steps",
             "None or an int >= 0",
+        )
+        more = self.eval_more_steps
+        need(
+            isinstance(more, tuple | list)
+            and all(is_int(k) and k >= 1 for k in more)
+            and len(set(more)) == len(more),
+            "eval_more_steps",
+            "a tuple of distinct ints >= 1",
         )
         need(
             is_int(self.eval_tasks_per_client) and self.eval_tasks_per_client >= 1,
@@ -364,6 +376,12 @@ def build(
         eval_steps = cfg.inner_steps if fine_tune else 0
     else:
         eval_steps = cfg.inner_steps
+    more_steps = sorted(int(k) for k in cfg.eval_more_steps)
+    if more_steps and more_steps[0] <= eval_steps:
+        raise ValueError(
+            f"{name}: RoundConfig.eval_more_steps={tuple(cfg.eval_more_steps)!r} is invalid: "
+            f"every count must be > the evaluation steps ({eval_steps})"
+        )
 
     def split_meta(meta_params: Params) -> tuple[Params, Any]:
         if is_metasgd:
@@ -555,8 +573,9 @@ def build(
     def evaluate(state: ServerState, key: jax.Array, data: Any) -> dict[str, jax.Array]:
         """Per-client metrics [C] on query data after adapting on support data only.
 
-        Keys: each metric of ``metrics_fn`` after adaptation, and with suffix ``_before`` at
-        the meta-model. Averaged over ``eval_tasks_per_client`` tasks per client.
+        Keys: each metric of ``metrics_fn`` after adaptation, with suffix ``_before`` at
+        the meta-model, and with suffix ``_<k>steps`` after ``k`` adaptation steps for every
+        ``k`` in ``eval_more_steps``. Averaged over ``eval_tasks_per_client`` tasks per client.
         """
         num_clients = _num_clients(data)
         keys = jax.random.split(key, num_clients)
@@ -570,7 +589,14 @@ def build(
                 adapted = personalize(state.params, support)
                 after = metrics_fn(adapted, query)
                 before = metrics_fn(params0, query)
-                return {**after, **{f"{k}_before": v for k, v in before.items()}}
+                out = {**after, **{f"{k}_before": v for k, v in before.items()}}
+                _, lr = split_meta(state.params)
+                done = eval_steps
+                for k in more_steps:  # keep adapting: metrics after k steps in all
+                    adapted = adapt(loss_fn, adapted, support, inner_lr=lr, inner_steps=k - done)
+                    done = k
+                    out.update({f"{m}_{k}steps": v for m, v in metrics_fn(adapted, query).items()})
+                return out
 
             tkeys = jax.random.split(ckey, cfg.eval_tasks_per_client)
             return _mean0(map_over(one_task, tkeys, cfg.task_map, cfg.task_chunk))

@@ -6,12 +6,18 @@ server state donated), and writes into ``workdir``:
 
 * ``config.json``: the config of the run;
 * ``metrics.jsonl``: one JSON object per line, ``{'round', 'split', <metric>: value, ...,
-  'wall_s'}``; ``split`` is ``'train'`` for round metrics and ``'val'`` for periodic
-  personalised evaluation;
+  'wall_s'}``; ``split`` is ``'train'`` for round metrics, ``'val'`` for periodic
+  personalised evaluation and ``'test'`` for the final one (the means of ``summary.json``);
+  ``wall_s`` counts from the run's first start, summed over resumed processes (the elapsed
+  time is kept in each checkpoint);
 * ``checkpoints/``: orbax checkpoints of the whole training state every ``checkpoint_every``
   rounds and when the process gets SIGTERM or SIGINT (the last ``keep_checkpoints`` kept);
 * ``summary.json``: the final personalised evaluation on the test clients, each metric's mean
-  and 95% confidence interval over the evaluation clients.
+  and 95% confidence interval over the evaluation clients; ``wall_s`` (cumulative) and
+  ``wall_s_this_process``; ``model_bytes`` (the server's parameters, Meta-SGD's rates
+  included), ``bytes_per_round`` (``2 * clients_per_round * model_bytes``: down and up) and
+  ``bytes_communicated`` (times the rounds); ``code_version``, the git commit of the library
+  that ran it.
 
 Checkpoints and resume
     A checkpoint holds the server state (parameters, optimiser state, round counter), the
@@ -380,7 +386,13 @@ class _Log:
             return
         if os.path.exists(path):  # drop lines past the checkpoint we resume from
             with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["round"] <= resume_round]
+                keep = [
+                    ln
+                    for ln in f
+                    if ln.strip()
+                    and json.loads(ln)["round"] <= resume_round
+                    and json.loads(ln)["split"] != "test"  # re-written at the end
+                ]
             with open(path, "w") as f:
                 f.writelines(keep)
         self._f = open(path, "a")
@@ -405,6 +417,22 @@ class _Log:
         if self._enabled and self._tty:
             sys.stdout.write("\n")
         self._f.close()
+
+
+def code_version() -> str | None:
+    """The git commit of the fmljax source (``+dirty`` with uncommitted changes), or None."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = lambda *a: subprocess.run(
+            ["git", "-C", here, *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        commit = run("rev-parse", "--short=7", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", here)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def _summary(per_client: Mapping[str, jax.Array]) -> dict[str, dict[str, float]]:
@@ -597,9 +625,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     k_rounds_dev = put(k_rounds)
     start = 0
+    wall_before = 0.0  # wall seconds of the earlier processes of this run (from the checkpoint)
     if manager.latest_step() is not None:
         start = int(manager.latest_step())
         meta = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        wall_before = float(meta.get("wall_s", 0.0)) if not config.get("init_from", None) else 0.0
         diff = _fingerprint_differences(meta.get("fingerprint", {}), fingerprint)
         if config.get("init_from", None):  # a warm start: only the state must fit
             diff = [d for d in diff if d.startswith("state")]
@@ -636,6 +666,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "seed": config.seed,
             "sampling": f"round r uses fold_in(k_rounds, r); next round {rounds}",
             "fingerprint": fingerprint,
+            "wall_s": elapsed(),
         }
         manager.save(
             rounds,
@@ -655,6 +686,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     no_jit = lambda: jax.disable_jit() if debug else contextlib.nullcontext()
     scalar_metrics = ("loss", "update_norm", "clients_finished")
     t0 = time.time()
+    elapsed = lambda: wall_before + time.time() - t0  # cumulative over resumes
     rounds = start
     last_saved = start if start else None
     try:
@@ -671,7 +703,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 n_done = len(metrics["finite"])
                 bad = _first_failure(metrics)
                 good = n_done if bad is None else bad
-                wall = time.time() - t0
+                wall = elapsed()
                 records = [
                     {
                         "round": rounds + i + 1,
@@ -702,7 +734,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             "round": rounds,
                             "split": "val",
                             **{k: float(np.mean(v)) for k, v in val.items()},
-                            "wall_s": time.time() - t0,
+                            "wall_s": elapsed(),
                         }
                     )
                 log.write(records)
@@ -735,15 +767,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.close()
 
     with no_jit():
-        test = evaluate(state, put(jax.random.fold_in(k_eval, 2**31 - 1)), test_data)
+        test = sharding.to_host(
+            evaluate(state, put(jax.random.fold_in(k_eval, 2**31 - 1)), test_data)
+        )
+    final_round = int(jax.device_get(state.round))
+    # What one client exchanges per round: the meta-parameters down and the update up (Meta-SGD:
+    # parameters and learned rates); the round's total is that times the clients per round.
+    model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    bytes_per_round = 2 * config.clients_per_round * model_bytes
     summary = {
         "algorithm": config.algorithm,
         "task": config.task,
-        "rounds": int(jax.device_get(state.round)),
-        "wall_s": time.time() - t0,
-        "test": _summary(sharding.to_host(test)),
+        "rounds": final_round,
+        "wall_s": elapsed(),
+        "wall_s_this_process": time.time() - t0,
+        "model_bytes": model_bytes,
+        "bytes_per_round": bytes_per_round,
+        "bytes_communicated": bytes_per_round * final_round,
+        "code_version": code_version(),
+        "test": _summary(test),
     }
     if lead:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            record = {"round": final_round, "split": "test"}
+            record.update({k: float(np.mean(v)) for k, v in test.items()})
+            f.write(json.dumps({**record, "wall_s": summary["wall_s"]}) + "\n")
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
