@@ -66,6 +66,9 @@ FED_ROWS = [  # (row name, run directory, metric key suffix: '' adapted, '_befor
 ]
 
 
+# Runs from before summary.json recorded the code version: the first session's snapshot.
+OLD_CODE = "bfb9775 snapshot"
+
 # ------------------------------------------------------------------------------ reading
 
 
@@ -111,6 +114,13 @@ def wall(runs: list[dict | None]) -> str:
     return f"{sum(r['summary']['wall_s'] for r in done):.0f}" if done else "—"
 
 
+def code(runs: list[dict | None]) -> str:
+    """The library commit(s) the runs recorded (``summary.json`` ``code_version``)."""
+    done = [r for r in runs if r]
+    names = sorted({str(r["summary"].get("code_version") or OLD_CODE) for r in done})
+    return ", ".join(f"`{n}`" for n in names) if names else "—"
+
+
 # ------------------------------------------------------------------------------ tables
 
 
@@ -118,8 +128,8 @@ def omniglot_section(root: str) -> str:
     full = load_config_module("omniglot_maml")
     rows = [
         "| setting | ours MAML (SO) | ours first order | paper MAML | paper first order | "
-        "iterations (ours / reference) | filters, meta-batch | test tasks | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "iterations (ours / reference) | filters, meta-batch | test tasks | wall s | code |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, (p_so, p_fo) in PAPER_OMNIGLOT.items():
         base = os.path.join(root, "omniglot_maml", f"{setting}_cpu")
@@ -138,7 +148,7 @@ def omniglot_section(root: str) -> str:
         acc = lambda r: fmt(r["summary"]["test"]["accuracy"], 100.0, 1) if r else "not run"
         rows.append(
             f"| {setting} | {acc(so)} | {acc(fo)} | {p_so} | {p_fo} | {it} | {shape} | {n} | "
-            f"{wall([so, fo])} |"
+            f"{wall([so, fo])} | {code([so, fo])} |"
         )
     return "\n".join(rows)
 
@@ -147,8 +157,8 @@ def sinusoid_section(root: str) -> str:
     full = load_config_module("sinusoid_maml").get_config("10,full")
     rows = [
         "| K | algorithm | MSE after 1 step | MSE after 10 steps | paper (1 step) | "
-        "iterations (ours / paper) | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "iterations (ours / paper) | wall s | code |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k in (5, 10, 20):
         for alg, name in SINUSOID_NAMES.items():
@@ -157,7 +167,7 @@ def sinusoid_section(root: str) -> str:
             it = f"{run['summary']['rounds']} / {full.num_rounds}" if run else "—"
             rows.append(
                 f"| {k} | {name} | {fmt(test.get('mse'))} | {fmt(test.get('mse_10steps'))} | "
-                f"{PAPER_SINUSOID.get((alg, k), '—')} | {it} | {wall([run])} |"
+                f"{PAPER_SINUSOID.get((alg, k), '—')} | {it} | {wall([run])} | {code([run])} |"
             )
     return "\n".join(rows)
 
@@ -189,15 +199,15 @@ def federated_section(root: str, dataset: str) -> str:
     )
     rows = [
         "| algorithm | test acc. at last round | test acc. at val-chosen round | val-chosen "
-        "round | rounds to target (val) | MB to target | rounds | wall s (all seeds) |",
-        "|---|---|---|---|---|---|---|---|",
+        "round | rounds to target (val) | MB to target | rounds | wall s (all seeds) | code |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     target = None
     for name, alg, suffix in FED_ROWS:
         runs = [read_run(os.path.join(base, s, alg)) for s in seeds]
         runs = [r for r in runs if r]
         if not runs:
-            rows.append(f"| {name} | not run | | | | | | |")
+            rows.append(f"| {name} | not run | | | | | | | |")
             continue
         key = "accuracy" + suffix
         cfg = runs[0]["config"]
@@ -205,8 +215,11 @@ def federated_section(root: str, dataset: str) -> str:
         last = [r["summary"]["test"][key]["mean"] for r in runs]
         chosen = [_val_choice(r["records"], key) for r in runs]
         reach = [_to_target(r["records"], key, target) for r in runs]
-        nbytes = param_bytes(ml_collections.ConfigDict(cfg))
-        per_round = 2 * cfg["clients_per_round"] * nbytes / 1e6  # down and up, MB
+        if "bytes_per_round" in runs[0]["summary"]:  # what the run itself counted
+            per_round = runs[0]["summary"]["bytes_per_round"] / 1e6
+        else:
+            nbytes = param_bytes(ml_collections.ConfigDict(cfg))
+            per_round = 2 * cfg["clients_per_round"] * nbytes / 1e6  # down and up, MB
         reached = [x for x in reach if x is not None]
         reach_txt = (
             f"{np.mean(reached):.0f} ({len(reached)}/{len(runs)} seeds)"
@@ -217,7 +230,7 @@ def federated_section(root: str, dataset: str) -> str:
         rows.append(
             f"| {name} | {mean_std(last, 100)} | {mean_std([c[1] for c in chosen], 100)} | "
             f"{', '.join(str(c[0]) for c in chosen)} | {reach_txt} | {mb_txt} | "
-            f"{runs[0]['summary']['rounds']} | {wall(runs)} |"
+            f"{runs[0]['summary']['rounds']} | {wall(runs)} | {code(runs)} |"
         )
     note = f"Target accuracy (validation): {target}." if target is not None else ""
     return "\n".join(rows) + ("\n\n" + note if note else "")
@@ -283,15 +296,18 @@ def main_job_section(root: str) -> str:
     runs = {n: read_run(os.path.join(base, n)) for n in names}
     if not any(runs.values()):
         return "not run"
-    rows = ["| algorithm | order | personalised test MSE | before adaptation | rounds | wall s |"]
-    rows.append("|---|---|---|---|---|---|")
+    rows = [
+        "| algorithm | order | personalised test MSE | before adaptation | rounds | wall s | code |"
+    ]
+    rows.append("|---|---|---|---|---|---|---|")
     order = {"fedmeta-maml": "second", "perfedavg-so": "second", "fedavg": "— (FT)"}
     for n, run in runs.items():
         if run:
             t = run["summary"]["test"]
             rows.append(
                 f"| {n} | {order.get(n, 'first')} | {fmt(t['mse'], 1, 3)} | "
-                f"{fmt(t['mse_before'], 1, 3)} | {run['summary']['rounds']} | {wall([run])} |"
+                f"{fmt(t['mse_before'], 1, 3)} | {run['summary']['rounds']} | {wall([run])} | "
+                f"{code([run])} |"
             )
     return "\n".join(rows)
 

@@ -145,12 +145,14 @@ class RoundConfig:
         with its learned per-parameter rates) and adds ``<metric>_<k>steps`` for every ``k``.
       eval_tasks_per_client: tasks per client at evaluation (>= 1).
       client_map, task_map: how clients / tasks are mapped: 'vmap', 'map', 'chunked', 'unroll'.
-      client_chunk, task_chunk: chunk sizes for 'chunked'. The default 'vmap' for both was
-        picked by measurement on a 2-core CPU (benchmarks/RESULTS.md): the MLP round with 32
-        clients runs 2.06x a Python loop over clients; for Conv4 with the im2col convolution
-        'vmap' and 'map' are within 15% of each other, and plain lax convolutions under
-        'vmap' (grouped convolutions) are about 20x slower, which ``conv4(impl='auto')``
-        avoids on CPU.
+      client_chunk, task_chunk: chunk sizes for 'chunked'. Measured on a 2-core CPU
+        (benchmarks/RESULTS.md): for small models (the 1-40-40-1 MLP) 'vmap' is best (the
+        default; a round of 32 clients runs about 2x a Python loop over clients); for Conv4
+        'map' over tasks (and clients) is about 1.5x 'vmap', because one task's activations
+        stay in cache while ``vmap`` over 32 tasks streams about 0.9 GB of patches and
+        gradients through memory (peak 60 MB against 900 MB), so the Omniglot configs set
+        ``task_map='map'`` on CPU. Plain lax convolutions under 'vmap' (grouped convolutions)
+        are about 25x slower, which ``conv4(impl='auto')`` avoids on CPU.
       remat: rematerialise inner steps (second-order memory flat in ``inner_steps``).
       fd_delta: finite-difference step of Per-FedAvg-HF.
       dropout_prob: probability in [0, 1] that a sampled client drops out of a round.
