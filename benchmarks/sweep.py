@@ -1,10 +1,13 @@
 """Run the measurement set of benchmarks/RESULTS.md and turn its JSON lines into the tables.
 
     python benchmarks/sweep.py run   [--out benchmarks/results/cpu.jsonl] [--only N,M]
-    python benchmarks/sweep.py table [--out benchmarks/results/cpu.jsonl] > benchmarks/RESULTS_tables.md
+    python benchmarks/sweep.py table [--out benchmarks/results/cpu.jsonl] [--write]
+    python benchmarks/sweep.py plot  [--out benchmarks/results/cpu.jsonl]
 
-``run`` calls ``benchmarks/throughput.py --json`` once per entry of :data:`COMMANDS`, one at a
-time, appending its JSON lines (each carries the command line in ``tag``). ``table`` prints
+``run`` calls ``benchmarks/throughput.py --json`` once per entry of :data:`COMMANDS` (or of
+``--group``: ``targets``, ``sweeps`` or one sweep of :data:`SWEEPS`), one at a time, appending
+its JSON lines (each carries the command line in ``tag``). ``plot`` draws each sweep into
+``results/sweep_<name>.png``. ``table`` prints
 markdown tables built only from those lines (no number is typed by hand), each row with the
 command that produced it. The set is deliberately modest (a 2-core shared CPU); on a GPU run
 it unchanged, with ``--steps`` raised.
@@ -20,22 +23,82 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The commands behind RESULTS.md (arguments to throughput.py).
-COMMANDS = [
+# The commands behind RESULTS.md (arguments to throughput.py): the targets of issue 6 first.
+_O = "--workload=omniglot-5w1s --method=maml --inner-steps=1"
+TARGETS = [
+    f"{_O} --task-map=map --baseline --pytorch --steps=10",
+    "--workload=omniglot-5w1s-pool --method=maml --inner-steps=1 --task-map=map --baseline --pytorch --steps=10",
     "--workload=sinusoid --method=maml --inner-steps=1 --steps-per-call=10 --baseline --steps=10",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=1 --conv-impl=im2col --task-map=vmap --baseline --steps=10",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=1 --conv-impl=im2col --compile-only",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=10 --conv-impl=im2col --compile-only",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=1 --conv-impl=im2col --remat --compile-only",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=10 --conv-impl=im2col --remat --compile-only",
-    "--workload=fed-round --model=mlp --method=fedmeta-maml --inner-steps=1 --clients=32 --baseline --steps=10",
-    "--workload=fed-round --model=conv4 --method=fedmeta-maml --inner-steps=1 --clients=32 --local-steps=1 --conv-impl=im2col --baseline --steps=2",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=1 --conv-impl=im2col --task-map=chunked --task-chunk=8 --steps=3",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=1 --conv-impl=im2col --task-map=map --steps=3",
-    "--workload=omniglot-5w1s-pool --method=maml --inner-steps=1 --conv-impl=im2col --baseline --steps=3",
-    "--workload=omniglot-5w1s --method=maml --inner-steps=1 --conv-impl=lax --task-map=vmap --steps=1",
     "--workload=sinusoid --method=maml --inner-steps=1 --steps-per-call=100 --baseline --steps=10",
+    "--workload=fed-round --model=mlp --method=fedmeta-maml --inner-steps=1 --clients=32 --baseline --steps=10",
+    "--workload=fed-round --model=conv4 --method=fedmeta-maml --inner-steps=1 --clients=32 --local-steps=1 --baseline --baseline-conv-impl=im2col --steps=10",
+    "--workload=fed-round --model=conv4 --method=fedmeta-maml --inner-steps=1 --clients=32 --local-steps=1 --client-map=map --task-map=map --baseline --steps=10",
+    "--workload=fed-round --model=conv4 --method=fedmeta-maml --inner-steps=1 --clients=32 --local-steps=5 --client-map=map --task-map=map --baseline --steps=3",
+    # the other task maps and convolutions tried for the Conv4 meta-step
+    f"{_O} --baseline --pytorch --steps=10",
+    "--workload=omniglot-5w1s-pool --method=maml --inner-steps=1 --baseline --pytorch --steps=10",
+    f"{_O} --task-map=chunked --task-chunk=8 --steps=10",
+    f"{_O} --task-map=chunked --task-chunk=4 --steps=10",
+    f"{_O} --task-map=unroll --steps=10",
+    f"{_O} --conv-impl=lax --steps=2",
+    f"{_O} --conv-impl=lax --task-map=map --steps=2",
+    "--workload=omniglot-20w1s --method=maml --inner-steps=1 --task-map=map --baseline --steps=10",
+    # the other methods
+    *(
+        f"--workload=omniglot-5w1s --method={m} --inner-steps=1 --task-map=map --steps=10"
+        for m in ("fomaml", "hf", "reptile", "meta-sgd")
+    ),
+    *(
+        f"--workload=sinusoid --method={m} --inner-steps=1 --baseline --steps=10"
+        for m in ("maml", "fomaml", "hf", "hf-fd", "reptile", "meta-sgd")
+    ),
 ]
+
+# Sweeps: name -> (x field, commands); plotted by ``sweep.py plot`` into results/sweep_<name>.png
+_S = "--workload=sinusoid --method=maml"
+_F = "--workload=fed-round --method=fedmeta-maml --inner-steps=1"
+SWEEPS = {
+    "inner-steps-sinusoid": (
+        "inner_steps",
+        [f"{_S} --inner-steps={k}{r} --steps=10" for r in ("", " --remat") for k in range(1, 11)],
+    ),
+    "inner-steps-conv4": (
+        "inner_steps",
+        [
+            f"--workload=omniglot-5w1s --method=maml --inner-steps={k}{r} --task-map=map --compile-only"
+            for r in ("", " --remat")
+            for k in (1, 2, 4, 6, 8, 10)
+        ],
+    ),
+    "clients-mlp": (
+        "clients",
+        [f"{_F} --model=mlp --clients={c} --steps=10" for c in (1, 2, 4, 8, 16, 32, 64, 128, 256)],
+    ),
+    "meta-batch-sinusoid": (
+        "tasks_per_step",
+        [
+            f"{_S} --inner-steps=1 --meta-batch={b} --steps=10"
+            for b in (5, 10, 25, 50, 100, 200, 400)
+        ],
+    ),
+    "meta-batch-conv4": (
+        "tasks_per_step",
+        [
+            f"{_O} --meta-batch={b} --task-map={m} --steps=10"
+            for m in ("map", "vmap")
+            for b in (4, 8, 16, 32, 64)
+        ],
+    ),
+    "local-steps": (
+        "local_steps",
+        [
+            f"{_F} --model={m} --clients=32 --local-steps={k} --compile-only"
+            for m in ("mlp", "conv4")
+            for k in (1, 2, 5, 10)
+        ],
+    ),
+}
+COMMANDS = TARGETS + [c for _, cmds in SWEEPS.values() for c in cmds]
 
 BEGIN, END = (
     "<!-- BEGIN generated by: python benchmarks/sweep.py table --write -->",
@@ -43,9 +106,21 @@ BEGIN, END = (
 )
 
 
-def run(out: str, only: list[int] | None) -> None:
+def _group(name: str | None) -> list[str]:
+    if name is None:
+        return COMMANDS
+    if name == "targets":
+        return TARGETS
+    if name == "sweeps":
+        return [c for _, cmds in SWEEPS.values() for c in cmds]
+    if name in SWEEPS:
+        return SWEEPS[name][1]
+    raise SystemExit(f"--group={name!r}: one of targets, sweeps, {', '.join(SWEEPS)}")
+
+
+def run(out: str, only: list[int] | None, group: str | None = None) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    for i, cmd in enumerate(COMMANDS):
+    for i, cmd in enumerate(_group(group)):
         if only and i not in only:
             continue
         argv = [
@@ -86,7 +161,8 @@ def table(out: str) -> str:
             f"{recs[0]['jax_version']}; 1-minute load average at the start of the runs: "
             f"{min(loads):.1f} to {max(loads):.1f}.\n"
         )
-    timed = [r for r in recs if r["timed_steps"]]
+    in_sweeps = {c for _, cmds in SWEEPS.values() for c in cmds}
+    timed = [r for r in recs if r["timed_steps"] and r["tag"] not in in_sweeps]
     lines.append(
         "### Throughput (timed runs; ratios are of medians from the same process, interleaved)\n"
     )
@@ -125,7 +201,7 @@ def table(out: str) -> str:
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in recs:
-        if r["impl"] != "onejit" or "temp_bytes" not in r:  # older lines: other peak definition
+        if r["impl"] != "onejit" or "temp_bytes" not in r or r["tag"] in in_sweeps:
             continue
         lines.append(
             f"| {r['workload']}{' (' + r['model'] + ')' if r['workload'] == 'fed-round' else ''} | {r['method']} | {r['inner_steps']} | {r['remat']} "
@@ -133,11 +209,30 @@ def table(out: str) -> str:
         )
     lines.append("\n### Targets of issue 6, computed from the lines above (latest matching line)\n")
     lines += targets(recs)
+    sweeps = sweep_tables(recs)
+    if sweeps:
+        lines.append(
+            "\n### Sweeps (`python benchmarks/sweep.py run --group=sweeps`, then `plot`)\n"
+        )
+        lines += sweeps
     return "\n".join(lines) + "\n"
 
 
 def _last(recs, impl="onejit", **match):
     hits = [r for r in recs if r["impl"] == impl and all(r.get(k) == v for k, v in match.items())]
+    return hits[-1] if hits else None
+
+
+def _latest_speedup(recs, workload: str, baseline: str) -> dict | None:
+    """The last one-jit second-order MAML line of ``workload`` with a ratio to ``baseline``."""
+    hits = [
+        x
+        for x in recs
+        if x["impl"] == "onejit"
+        and x["workload"] == workload
+        and x["method"] == "maml"
+        and x.get(f"speedup_vs_{baseline}") is not None
+    ]
     return hits[-1] if hits else None
 
 
@@ -150,17 +245,7 @@ def targets(recs) -> list[str]:
         out.append(f"| {name} | {value} | {verdict} | {cmd} |")
 
     for wl in ("omniglot-5w1s", "omniglot-5w1s-pool"):
-        r = next(
-            (
-                x
-                for x in reversed(recs)
-                if x["impl"] == "onejit"
-                and x["workload"] == wl
-                and x["method"] == "maml"
-                and x.get("speedup_vs_loop-tasks") is not None
-            ),
-            None,
-        )
+        r = _latest_speedup(recs, wl, "loop-tasks")
         v = r and r["speedup_vs_loop-tasks"]
         row(
             f"1. {wl}: one-jit >= 2x the per-task loop",
@@ -170,11 +255,21 @@ def targets(recs) -> list[str]:
             None if r is None else v >= 2,
             r,
         )
+        t = _latest_speedup(recs, wl, "eager-pytorch")
+        v = t and t["speedup_vs_eager-pytorch"]
+        torch_tps = t and next(
+            (
+                x["tasks_per_s"]
+                for x in recs
+                if x["tag"] == t["tag"] and x["impl"] == "eager-pytorch"
+            ),
+            None,
+        )
         row(
             f"1. {wl}: one-jit >= 1.5x eager PyTorch loop",
-            "PyTorch not run in this session (see text)",
-            None,
-            None,
+            f"{v:.2f}x ({t['tasks_per_s']:.1f} vs {torch_tps:.1f} tasks/s)" if t else "not run",
+            None if t is None else v >= 1.5,
+            t,
         )
     r = next(
         (
@@ -198,35 +293,32 @@ def targets(recs) -> list[str]:
             best,
         )
     for model in ("mlp", "conv4"):
-        r = next(
-            (
-                x
-                for x in reversed(recs)
-                if x["workload"] == "fed-round"
-                and x["model"] == model
-                and x.get("speedup_vs_loop-clients")
-            ),
-            None,
-        )
-        v = r and r["speedup_vs_loop-clients"]
-        shape = (
-            r
-            and f"{r['clients']} clients x {r['local_steps']} local steps x {r['tasks_per_client']} tasks"
-        )
-        row(
-            f"3. fed-round {model}: one-jit >= 2x loop over clients",
-            f"{v:.2f}x ({shape})" if r else "–",
-            None if r is None else v >= 2,
-            r,
-        )
-    mem = [
-        x
-        for x in recs
-        if x["impl"] == "onejit"
-        and "temp_bytes" in x
-        and x["workload"] == "omniglot-5w1s"
-        and x["method"] == "maml"
-    ]
+        hits = [
+            x
+            for x in recs
+            if x["workload"] == "fed-round"
+            and x["model"] == model
+            and x.get("speedup_vs_loop-clients")
+        ]
+        if not hits:
+            row(f"3. fed-round {model}: one-jit >= 2x loop over clients", "–", None, None)
+        for r in hits:
+            v = r["speedup_vs_loop-clients"]
+            loop = next(
+                (x for x in recs if x["tag"] == r["tag"] and x["impl"] == "loop-clients"), {}
+            )
+            shape = (
+                f"{r['clients']} clients x {r['local_steps']} local steps x "
+                f"{r['tasks_per_client']} tasks"
+                + (f"; loop's conv {loop.get('conv_impl')}" if model == "conv4" else "")
+            )
+            row(
+                f"3. fed-round {model}: one-jit >= 2x loop over clients",
+                f"{v:.2f}x ({shape})",
+                v >= 2,
+                r,
+            )
+    mem = [x for x in recs if x["tag"] in SWEEPS["inner-steps-conv4"][1]]
     a = next((x for x in reversed(mem) if x["inner_steps"] == 1 and not x["remat"]), None)
     b = next((x for x in reversed(mem) if x["inner_steps"] == 10 and not x["remat"]), None)
     if a:
@@ -257,17 +349,98 @@ def targets(recs) -> list[str]:
     return out
 
 
+def _sweep_lines(recs, cmds: list[str]) -> list[dict]:
+    """The one-jit line of each command (the latest where a command ran more than once)."""
+    latest = {r["tag"]: r for r in recs if r["tag"] in cmds and r["impl"] == "onejit"}
+    return [latest[c] for c in cmds if c in latest]
+
+
+def sweep_tables(recs) -> list[str]:
+    """One markdown table per sweep of :data:`SWEEPS` (the lines whose tag is one of its
+    commands), the PNG beside it."""
+    out = []
+    for name, (xfield, cmds) in SWEEPS.items():
+        rs = _sweep_lines(recs, cmds)
+        if not rs:
+            continue
+        out.append(
+            f"\n#### Sweep `{name}` (against `{xfield}`): ![{name}](results/sweep_{name}.png)\n"
+        )
+        out.append(
+            "| workload | model | task map | "
+            + xfield
+            + " | remat | tasks/s | step ms | compile s | peak MiB | command |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rs:
+            out.append(
+                f"| {r['workload']} | {r['model']} | {r['task_map']} | {r[xfield]} | {r['remat']} "
+                f"| {_fmt(r['tasks_per_s'])} "
+                f"| {_fmt(r['step_ms_median'])} | {_fmt(r['compile_s'])} | {_mib(r['peak_bytes'])} | `{r['tag']}` |"
+            )
+    return out
+
+
+def plot(out: str) -> list[str]:
+    """``results/sweep_<name>.png`` per sweep: throughput (or compile time, for compile-only
+    sweeps) and the compiled program's peak memory against the swept quantity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in open(out) if line.strip()]
+    written = []
+    for name, (xfield, cmds) in SWEEPS.items():
+        rs = _sweep_lines(recs, cmds)
+        if not rs:
+            continue
+        timed = any(r["timed_steps"] for r in rs)
+        fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(13 if timed else 9, 3.6))
+        series: dict[str, list[dict]] = {}
+        for r in rs:
+            label = f"{r['model']}, {r['task_map']}" + (", remat" if r["remat"] else "")
+            series.setdefault(label, []).append(r)
+        panels = (["tasks_per_s"] if timed else []) + ["compile_s", "peak_bytes"]
+        titles = {"tasks_per_s": "tasks / s", "compile_s": "compile s", "peak_bytes": "peak MiB"}
+        for ax, field in zip(axes, panels, strict=True):
+            for label, pts in series.items():
+                pts = sorted(pts, key=lambda r: r[xfield])
+                ys = [
+                    (r[field] / 2**20 if field == "peak_bytes" else r[field]) if r[field] else None
+                    for r in pts
+                ]
+                ax.plot([r[xfield] for r in pts], ys, "o-", label=label)
+            ax.set_xlabel(xfield)
+            ax.set_title(titles[field])
+            if xfield in ("clients", "tasks_per_step"):
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        dev = rs[0]
+        fig.suptitle(f"{name}: {dev['device']}, {dev['num_cpus']} CPUs, jax {dev['jax_version']}")
+        fig.tight_layout()
+        path = os.path.join(HERE, "results", f"sweep_{name}.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("run", "table"))
+    p.add_argument("what", choices=("run", "table", "plot"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu.jsonl"))
-    p.add_argument("--only", default=None, help="comma-separated indices into COMMANDS")
+    p.add_argument("--only", default=None, help="comma-separated indices into the group")
+    p.add_argument("--group", default=None, help="targets, sweeps or one sweep's name")
     p.add_argument(
         "--write", action="store_true", help="table: replace the generated part of RESULTS.md"
     )
     a = p.parse_args()
     if a.what == "run":
-        run(a.out, [int(x) for x in a.only.split(",")] if a.only else None)
+        run(a.out, [int(x) for x in a.only.split(",")] if a.only else None, a.group)
+    elif a.what == "plot":
+        print("\n".join(plot(a.out)))
     elif a.write:
         path = os.path.join(HERE, "RESULTS.md")
         text = open(path).read()

@@ -35,11 +35,18 @@ a server Adam 1e-3.
   ``fmljax.meta_gradient`` (conv4 with ``--baseline-conv-impl``, default ``lax``), then a
   jitted mean + Adam step;
 * ``loop-clients`` (``fed-round``): a Python loop over the M clients around a jitted client
-  update (a one-client round of the same algorithm, ``fmljax.build(clients_per_round=1)``,
+  update (conv4 with ``--baseline-conv-impl``, by default the same convolution as the one-jit
+  round: the client update ``vmap``-s its own T tasks, where ``lax`` convolutions would be
+  grouped ones; a one-client round of the same algorithm,
+  ``fmljax.build(clients_per_round=1)``,
   whose server step is ``sgd(1.0)``, so ``delta = params - new params``), then a jitted
   average + Adam step, the way fedjax runs rounds;
 * ``jit-vmap-1step`` (only when ``--steps-per-call > 1``): the plain single-step
   ``jit(vmap)`` meta-step, one call per step.
+
+``--pytorch`` adds ``eager-pytorch`` (Conv4 workloads, ``maml`` / ``fomaml``): the eager
+PyTorch per-task loop of ``benchmarks/torch_reference.py`` on the same batches, interleaved
+too (needs ``pip install torch==2.13.0``; torch is not an fmljax dependency).
 
 Output: one JSON line per measured implementation (``--json``; otherwise a short text line),
 the one-jit line carrying ``speedup_vs_<baseline>`` ratios of the medians. Timing: the
@@ -90,6 +97,8 @@ def _workload_spec(args) -> dict:
         inner_lr=0.4,
         mode="pooled" if args.workload.endswith("-pool") else "strided",
     )
+    if args.meta_batch is not None:
+        spec["tasks"] = args.meta_batch
     return spec
 
 
@@ -239,6 +248,8 @@ def meta_contenders(args) -> tuple[list[Contender], int]:
         conv_impl=args.conv_impl if spec["model"] == "conv4" else None,
     )
     out = [main]
+    if args.pytorch and not args.compile_only:
+        out.append(_pytorch_contender(args, spec, support, query))
     if args.compile_only or not args.baseline:
         return out, spec["tasks"]
 
@@ -319,6 +330,46 @@ def meta_contenders(args) -> tuple[list[Contender], int]:
     return out, spec["tasks"]
 
 
+def _pytorch_contender(args, spec: dict, support, query) -> Contender:
+    """The eager PyTorch per-task loop (``benchmarks/torch_reference.py``), same batches."""
+    if spec["model"] != "conv4" or args.method not in ("maml", "fomaml"):
+        raise SystemExit("--pytorch: only Conv4 workloads with --method=maml or fomaml")
+    import numpy as np
+    import torch
+    from torch_reference import EagerMAML
+
+    n = args.steps_per_call
+    runners = [
+        EagerMAML(
+            jax.tree.map(lambda a: np.asarray(a[i]), support),
+            jax.tree.map(lambda a: np.asarray(a[i]), query),
+            ways=spec["ways"],
+            inner_lr=spec["inner_lr"],
+            inner_steps=args.inner_steps,
+            pooled=spec["mode"] == "pooled",
+            second_order=args.method == "maml",
+        )
+        for i in range(n)
+    ]
+    for r in runners[1:]:  # one set of meta-parameters and one Adam state, as in the others
+        r.params, r.opt = runners[0].params, runners[0].opt
+
+    def call_torch():
+        return [r.call() for r in runners]
+
+    return Contender(
+        "eager-pytorch",
+        call_torch,
+        n,
+        compile_s=0.0,
+        peak_bytes=None,
+        temp_bytes=None,
+        xla_peak_memory_bytes=None,
+        conv_impl=f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        task_map="python-loop",
+    )
+
+
 def fed_contenders(args) -> tuple[list[Contender], int]:
     algorithm = args.method
     n = args.steps_per_call
@@ -328,9 +379,12 @@ def fed_contenders(args) -> tuple[list[Contender], int]:
         data = fmljax.data.sample_sinusoid_clients(jax.random.key(1), args.clients)
         sampler = fmljax.data.sinusoid_task_sampler(10, 10)
         inner_lr = 0.01
+        b_loss_fn = loss_fn
     else:
         model = fmljax.conv4(5, impl=args.conv_impl)
         loss_fn = fmljax.cross_entropy_loss(model.apply)
+        b_model = fmljax.conv4(5, impl=args.baseline_conv_impl)
+        b_loss_fn = fmljax.cross_entropy_loss(b_model.apply)
         # each client: 10 classes x 20 drawings of random 28x28 "ink"
         images = jax.random.uniform(jax.random.key(1), (args.clients, 10, 20, 28, 28)) > 0.8
         data = {"images": images.astype(jnp.float32), "num_examples": jnp.ones((args.clients,))}
@@ -378,7 +432,7 @@ def fed_contenders(args) -> tuple[list[Contender], int]:
 
     # fedjax-style: Python loop over clients around a jitted client update, then the server step
     one_cfg = cfg.__class__(**{**cfg.__dict__, "clients_per_round": 1})
-    one_alg = fmljax.build(algorithm, loss_fn, sampler, one_cfg, server_optimizer=optax.sgd(1.0))
+    one_alg = fmljax.build(algorithm, b_loss_fn, sampler, one_cfg, server_optimizer=optax.sgd(1.0))
     one_state = one_alg.init(params)
     client_data = [jax.tree.map(lambda a, i=i: a[i : i + 1], data) for i in range(args.clients)]
 
@@ -418,7 +472,7 @@ def fed_contenders(args) -> tuple[list[Contender], int]:
             n,
             compile_s=cu_compile_s,
             **_memory(cu_c),
-            conv_impl=args.conv_impl if args.model == "conv4" else None,
+            conv_impl=args.baseline_conv_impl if args.model == "conv4" else None,
             client_map="python-loop",
         )
     )
@@ -442,6 +496,9 @@ def main(argv=None) -> list[dict]:
         "--method", required=True, help="a meta_gradient method or a federated algorithm"
     )
     p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument(
+        "--meta-batch", type=int, default=None, help="tasks per meta-step (default: the workload's)"
+    )
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--model", choices=("mlp", "conv4"), default="mlp", help="fed-round only")
     p.add_argument("--local-steps", type=int, default=5)
@@ -451,10 +508,20 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--client-map", choices=fmljax.mapping.MAP_MODES, default="vmap")
     p.add_argument("--client-chunk", type=int, default=None)
     p.add_argument("--conv-impl", choices=fmljax.models.CONV_IMPLS, default="auto")
-    p.add_argument("--baseline-conv-impl", choices=fmljax.models.CONV_IMPLS, default="lax")
+    p.add_argument(
+        "--baseline-conv-impl",
+        choices=fmljax.models.CONV_IMPLS,
+        default=None,
+        help="conv of the loop baselines (default: lax per task; fed-round: --conv-impl)",
+    )
     p.add_argument("--steps-per-call", type=int, default=1)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--baseline", action="store_true")
+    p.add_argument(
+        "--pytorch",
+        action="store_true",
+        help="also time the eager PyTorch per-task loop (Conv4 maml/fomaml; needs torch)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed calls (>= 10 for reported figures)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", default=None, metavar="DIR")
@@ -467,6 +534,9 @@ def main(argv=None) -> list[dict]:
     allowed = tuple(fmljax.ALGORITHMS) if fed else fmljax.METHODS
     if args.method not in allowed:
         p.error(f"--method={args.method!r}: for --workload={args.workload} one of {allowed}")
+    args.conv_impl = fmljax.models._resolve_conv_impl(args.conv_impl)  # record what ran
+    if args.baseline_conv_impl is None:  # fed-round's client update vmaps its own tasks
+        args.baseline_conv_impl = args.conv_impl if fed else "lax"
     if args.task_map == "chunked" and args.task_chunk is None:
         args.task_chunk = 8
     if args.client_map == "chunked" and args.client_chunk is None:
