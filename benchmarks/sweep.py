@@ -86,7 +86,7 @@ SWEEPS = {
         [
             f"{_O} --meta-batch={b} --task-map={m} --steps=10"
             for m in ("map", "vmap")
-            for b in (4, 8, 16, 32, 64)
+            for b in (4, 8, 16, 32)
         ],
     ),
     "local-steps": (
