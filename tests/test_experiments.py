@@ -155,3 +155,31 @@ def test_omniglot_validation_rounds_score_the_same_episode_on_test_drawings():
     assert not np.array_equal(query["x"], query["hx"])  # validation drawings differ
     metrics = setup.metrics_fn(setup.model.init(jax.random.key(0)), query)
     assert {"accuracy", "loss", "test_accuracy", "test_loss"} <= set(metrics)
+
+
+CONFIG_ARGS = {
+    "sinusoid.py": [None],
+    "sinusoid_maml.py": [f"{k},{size}" for k in (5, 10, 20) for size in ("cpu", "full", "test")],
+    "omniglot_maml.py": [
+        f"{setting},{size}"
+        for setting in ("5w1s", "5w5s", "20w1s", "20w5s")
+        for size in ("cpu", "full", "test")
+    ],
+    "federated.py": [
+        f"{d},{size}"
+        for d in ("synthetic", "digits", "omniglot")
+        for size in ("cpu", "full", "test")
+    ],
+    "jiang.py": [f"{s},{size}" for s in ("identity", "finetune") for size in ("cpu", "full")],
+}
+
+
+@pytest.mark.parametrize(
+    "name, arg", [(n, a) for n, args in CONFIG_ARGS.items() for a in args], ids=str
+)
+def test_every_shipped_config_variant_validates(name, arg):
+    """Each config a README or docstring command names passes validation, every algorithm."""
+    module = _module(f"experiments/configs/{name}", name[:-3])
+    config = module.get_config() if arg is None else module.get_config(arg)
+    for alg in str(config.algorithm).split(","):
+        train.validate_config(train.algorithm_config(config, alg))

@@ -86,6 +86,7 @@ def get_config(arg: str = "5w1s,cpu") -> ml_collections.ConfigDict:
             c.num_eval_tasks = 50
             if shots > 1:  # 20w5s: 5x the images of 20w1s per task
                 c.num_rounds = 50
+                c.rounds_per_call = 25
                 c.eval_every = 50
                 c.checkpoint_every = 25
     if size == "test":
