@@ -14,8 +14,9 @@ figures in ``benchmarks/RESULTS.md`` can be reproduced. All compute the same fun
 * ``cnhw``: channels-first activations ``[C, B, H, W]``: the patches concatenate contiguous
   tap blocks and batch norm reduces the last axis.
 
-Each variant's one-jit second-order meta-step (the ``throughput.py`` program, task map
-``vmap``) is compiled in this process and timed interleaved with ``im2col``, call by call.
+Each variant's one-jit second-order meta-step (the ``throughput.py`` program, ``--task-map``
+``map`` by default) is compiled in this process and timed interleaved with ``im2col``, call
+by call.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main(argv=None):
         "--workload", default="omniglot-5w1s", choices=("omniglot-5w1s", "omniglot-5w1s-pool")
     )
     p.add_argument("--variants", default="phase,sum,cnhw")
+    p.add_argument("--task-map", default="map", choices=("map", "vmap"))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -179,7 +181,7 @@ def main(argv=None):
             workload=args.workload,
             method="maml",
             inner_steps=1,
-            task_map="vmap",
+            task_map=args.task_map,
             task_chunk=None,
             conv_impl="im2col",
             baseline_conv_impl="lax",
@@ -209,6 +211,7 @@ def main(argv=None):
         med = statistics.median(times[name])
         rec = dict(
             workload=args.workload,
+            task_map=args.task_map,
             variant=name,
             tasks_per_s=32 / med,
             step_ms_median=1e3 * med,

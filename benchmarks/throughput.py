@@ -86,17 +86,18 @@ WORKLOADS = META_WORKLOADS + ("fed-round",)
 # ------------------------------------------------------------------------------------ setup
 def _workload_spec(args) -> dict:
     if args.workload == "sinusoid":
-        return dict(model="mlp", tasks=25, support=10, query=10, inner_lr=0.01)
-    ways = 20 if args.workload == "omniglot-20w1s" else 5
-    spec = dict(
-        model="conv4",
-        ways=ways,
-        tasks=16 if ways == 20 else 32,
-        support=ways,  # 1 shot
-        query=ways * 15,
-        inner_lr=0.4,
-        mode="pooled" if args.workload.endswith("-pool") else "strided",
-    )
+        spec = dict(model="mlp", tasks=25, support=10, query=10, inner_lr=0.01)
+    else:
+        ways = 20 if args.workload == "omniglot-20w1s" else 5
+        spec = dict(
+            model="conv4",
+            ways=ways,
+            tasks=16 if ways == 20 else 32,
+            support=ways,  # 1 shot
+            query=ways * 15,
+            inner_lr=0.4,
+            mode="pooled" if args.workload.endswith("-pool") else "strided",
+        )
     if args.meta_batch is not None:
         spec["tasks"] = args.meta_batch
     return spec

@@ -23,7 +23,11 @@ from typing import Any
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HARDWARE = "a 2-core x86-64 CPU shared with three other jobs (jax 0.10.2, CPU backend)"
+HARDWARE = (
+    "the project's 2-core x86-64 CPU VM (AMD EPYC, AVX2; jax 0.10.2, CPU backend); the runs "
+    "of code `bfb9775 snapshot` shared it with three other jobs, the later ones ran one at a "
+    "time (load average about 1-2)"
+)
 
 # Finn et al., 2017, Table 1 (Omniglot, accuracy %): MAML and first-order approximation.
 PAPER_OMNIGLOT = {
@@ -349,9 +353,13 @@ def build(root: str) -> str:
         "statistics, no running averages), see `src/fmljax/tasks.py`. **Shortened**: the CPU "
         "variant trains 16-filter nets with meta-batch 8 / 4 for the iterations shown and "
         "scores the test tasks shown (not 600); the full runs (`:<N>w<K>s,full`, 60,000 "
-        "iterations) need a GPU and were **not run here**. The 20w5s CPU variant was not run "
-        "either: 20w1s took the time shown, and 20w5s costs about 5 times more per "
-        "iteration.\n",
+        "iterations) need a GPU and were **not run here**. The 20w5s CPU variant is the shortest "
+        "(50 iterations): its tasks hold 5 times the images of 20w1s. The `code` column gives "
+        "the library commit of each run (`summary.json` `code_version`); the 5w1s, 5w5s and "
+        "20w1s rows are the first session's runs, not repeated on the current code for lack of "
+        "CPU time (the meta-gradient code they used is unchanged since; the convolution then was "
+        "`lax`, now `im2col`, which computes the same function, and the task map `vmap`, now "
+        "`map`).\n",
         omniglot_section(root),
         "\n## 2. Sinusoid regression (MAML's setting)\n",
         "Command: `python experiments/main.py --config=experiments/configs/sinusoid_maml.py:"
@@ -394,14 +402,10 @@ def build(root: str) -> str:
         main_job_section(root),
         "\n## Commands as run, with process wall times\n",
         "Each line as the run script logged it (`runs/walltimes.txt`: process start to exit, "
-        "compilation and data loading included; CPU shared with three other developers' jobs, "
-        "so these are upper bounds). Every run here used the committed core (`bfb9775`) plus "
-        "`src/fmljax/tasks.py` and the data modules, from a snapshot of the tree (the "
-        "federated round was being edited at the time). Superseded: `sinusoid_main` ran the "
-        "README config before Per-FedAvg's beta was raised (its directory was replaced by "
-        "`sinusoid_main_tuned`), and the first three `sinusoid_maml` commands' Reptile runs "
-        "(1 inner step of rate 0.02, which diverged at test) were replaced by the "
-        "`*_reptile` runs.\n",
+        "compilation and data loading included). Lines marked `[bfb9775-snapshot]` are the first "
+        "session's runs (core `bfb9775` plus `src/fmljax/tasks.py` and the data modules from a "
+        "snapshot of the tree, on the CPU shared with three other developers' jobs); the others "
+        "ran one at a time on the code version their `summary.json` records.\n",
         walltimes_section(root),
         "",
     ]
