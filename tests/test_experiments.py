@@ -100,6 +100,8 @@ def test_plot_and_collect_read_the_run(run_dir, tmp_path):
     run = collect.read_run(run_dir)
     assert run["summary"]["test"]["mse"]["n"] == 32
     assert collect.fmt(run["summary"]["test"]["mse"]).count("±") == 1
+    text = collect.build(str(tmp_path / "no-runs"))  # every section, nothing run yet
+    assert "## 1. MAML on Omniglot" in text and "| 5w1s | not run | not run |" in text
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
