@@ -157,6 +157,23 @@ def omniglot_section(root: str) -> str:
     return "\n".join(rows)
 
 
+def old_omniglot_note(root: str) -> str:
+    """A sentence naming the Omniglot rows that still come from the first session's code."""
+    old = []
+    for setting in PAPER_OMNIGLOT:
+        run = read_run(os.path.join(root, "omniglot_maml", f"{setting}_cpu", "fedmeta-maml"))
+        if run and not run["summary"].get("code_version"):
+            old.append(setting)
+    if not old:
+        return ""
+    return (
+        f" The {', '.join(old)} rows are the first session's runs (code `{OLD_CODE}`), not "
+        "repeated on the current code for lack of CPU time: the meta-gradient code is unchanged "
+        "since; the convolution then was `lax`, now `im2col` (the same function), the task map "
+        "`vmap`, now `map`."
+    )
+
+
 def sinusoid_section(root: str) -> str:
     full = load_config_module("sinusoid_maml").get_config("10,full")
     rows = [
@@ -347,7 +364,10 @@ def build(root: str) -> str:
         "numbers by hand. Hardware for every run here: " + HARDWARE + ". Mean ± 95% CI over the "
         "evaluation tasks or clients unless marked ± std (over seeds). Wall time: the sum of the "
         "runs' `summary.json` `wall_s` (first compilation included, process start and data "
-        "loading not).\n",
+        "loading not). `code`: the repository commit a run started from (`summary.json` "
+        "`code_version`; `+dirty` would mark uncommitted library changes); the library "
+        "(`src/fmljax`) is the same in every commit from `7a15ed5` to `96cfea4`, the later "
+        "ones changed benchmarks, configs and tests only.\n",
         "## 1. MAML on Omniglot, second order against first order\n",
         "Command: `python experiments/main.py --config=experiments/configs/omniglot_maml.py:"
         "<N>w<K>s,cpu --workdir=runs/omniglot_maml/<N>w<K>s_cpu` with "
@@ -357,12 +377,9 @@ def build(root: str) -> str:
         "variant trains 16-filter nets with meta-batch 8 / 4 for the iterations shown and "
         "scores the test tasks shown (not 600); the full runs (`:<N>w<K>s,full`, 60,000 "
         "iterations) need a GPU and were **not run here**. The 20w5s CPU variant is the shortest "
-        "(50 iterations): its tasks hold 5 times the images of 20w1s. The `code` column gives "
-        "the library commit of each run (`summary.json` `code_version`); the 5w1s, 5w5s and "
-        "20w1s rows are the first session's runs, not repeated on the current code for lack of "
-        "CPU time (the meta-gradient code they used is unchanged since; the convolution then was "
-        "`lax`, now `im2col`, which computes the same function, and the task map `vmap`, now "
-        "`map`).\n",
+        "(50 iterations): its tasks hold 5 times the images of 20w1s."
+        + old_omniglot_note(root)
+        + "\n",
         omniglot_section(root),
         "\n## 2. Sinusoid regression (MAML's setting)\n",
         "Command: `python experiments/main.py --config=experiments/configs/sinusoid_maml.py:"
@@ -413,7 +430,10 @@ def build(root: str) -> str:
         "compilation and data loading included). Lines marked `[bfb9775-snapshot]` are the first "
         "session's runs (core `bfb9775` plus `src/fmljax/tasks.py` and the data modules from a "
         "snapshot of the tree, on the CPU shared with three other developers' jobs); the others "
-        "ran one at a time on the code version their `summary.json` records.\n",
+        "ran one at a time on the code version their `summary.json` records. The first 20w5s "
+        "attempt exited with 1 at config validation (its checkpoint interval was not a "
+        "multiple of `rounds_per_call`; fixed in `5408f9d`, which added a test that validates "
+        "every shipped config).\n",
         walltimes_section(root),
         "",
     ]

@@ -25,7 +25,7 @@ Two stages (``ARG`` = ``<stage>,<size>``), on Synthetic(0.5, 0.5) (pFedMe protoc
            --workdir=runs/jiang/cpu/finetune
 
 ``cpu``: 150 + 100 rounds, users capped at 400 examples; ``full``: 800 + 200 rounds, uncapped
-(not run here). Hardware: a 2-core CPU shared with other jobs; wall time 84 s + 104 s.
+(not run here). Hardware: the 2-core CPU; wall time 20 s + 14 s (code 4bf6a47).
 Result (RESULTS.md section 4): identical update norms in all 150 rounds and identical
 summaries (difference 0.0); after fine-tuning, personalised accuracy 82.5% for both, the
 personalisation gain +12.3 points (FedAvg) against +13.9 (Reptile fine-tuning, whose global
