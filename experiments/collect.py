@@ -24,9 +24,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HARDWARE = (
-    "the project's 2-core x86-64 CPU VM (AMD EPYC, AVX2; jax 0.10.2, CPU backend); the runs "
-    "of code `bfb9775 snapshot` shared it with three other jobs, the later ones ran one at a "
-    "time, at times beside one benchmark (load average about 1 to 4)"
+    "the project's 2-core x86-64 CPU VM (AMD EPYC, AVX2; jax 0.10.2, CPU backend), one run at "
+    "a time, at times beside one benchmark or test job (load average about 1 to 4); runs whose "
+    "code is `bfb9775 snapshot` (if any) are the first session's, on the CPU shared with "
+    "three other developers' jobs"
 )
 
 # Finn et al., 2017, Table 1 (Omniglot, accuracy %): MAML and first-order approximation.
@@ -427,10 +428,9 @@ def build(root: str) -> str:
         main_job_section(root),
         "\n## Commands as run, with process wall times\n",
         "Each line as the run script logged it (`runs/walltimes.txt`: process start to exit, "
-        "compilation and data loading included). Lines marked `[bfb9775-snapshot]` are the first "
-        "session's runs (core `bfb9775` plus `src/fmljax/tasks.py` and the data modules from a "
-        "snapshot of the tree, on the CPU shared with three other developers' jobs); the others "
-        "ran one at a time on the code version their `summary.json` records. The first 20w5s "
+        "compilation and data loading included), on the code version each run's `summary.json` "
+        "records. `fed_omniglot` ran partly beside a CI dry run, its wall time is inflated. The "
+        "first 20w5s "
         "attempt exited with 1 at config validation (its checkpoint interval was not a "
         "multiple of `rounds_per_call`; fixed in `5408f9d`, which added a test that validates "
         "every shipped config).\n",
