@@ -20,13 +20,14 @@ Commands (``ARG`` = ``K,size``: K in 5, 10, 20; size ``cpu`` or ``full``):
 * ``cpu``: 10,000 iterations (1/7 of the paper's 70,000), the other settings the paper's.
   Hardware: the 2-core CPU. Wall time: 79 / 120 / 154 s for the five algorithms at
   K = 5 / 10 / 20 (mostly compilation).
-* ``full``: 70,000 iterations, MAML's length; K = 10 ran on the same CPU in 397 s (code
-  ``96cfea4``): MSE after 1 step MAML 0.35 ± 0.03, FOMAML 0.55 ± 0.05, Meta-SGD 0.23 ± 0.03,
-  Reptile 0.40 ± 0.04, pretrained 2.25 ± 0.16 (paper, Meta-SGD Table 1: MAML 0.77 ± 0.11,
-  Meta-SGD 0.53 ± 0.09).
+* ``full``: 70,000 iterations, MAML's length; ran on the same CPU in 289 / 397 / 478 s at
+  K = 5 / 10 / 20 (code ``c9612bb`` / ``96cfea4`` / ``c9612bb``, the same library). MSE after
+  1 step at K = 10: MAML 0.35 ± 0.03, FOMAML 0.55 ± 0.05, Meta-SGD 0.23 ± 0.03, Reptile
+  0.40 ± 0.04, pretrained 2.25 ± 0.16 (paper, Meta-SGD Table 1: MAML 0.77 ± 0.11, Meta-SGD
+  0.53 ± 0.09); all K in experiments/RESULTS.md section 2.
 
-Results of the ``cpu`` runs (600 test tasks, MSE after 1 and 10 steps, wall time, code
-version): experiments/RESULTS.md section 2, beside the paper's (Meta-SGD Table 1: MAML
+Results of the ``cpu`` and ``full`` runs (600 test tasks, MSE after 1 and 10 steps, wall
+time, code version): experiments/RESULTS.md section 2, beside the paper's (Meta-SGD Table 1: MAML
 1.13 / 0.77 / 0.48 and Meta-SGD 0.90 / 0.53 / 0.31 at K = 5 / 10 / 20, one step).
 """
 
