@@ -581,7 +581,7 @@ def build(
         """
         num_clients = _num_clients(data)
         keys = jax.random.split(key, num_clients)
-        params0, _ = split_meta(state.params)
+        params0, lr = split_meta(state.params)
 
         def one_client(args):
             ckey, client = args
@@ -592,7 +592,6 @@ def build(
                 after = metrics_fn(adapted, query)
                 before = metrics_fn(params0, query)
                 out = {**after, **{f"{k}_before": v for k, v in before.items()}}
-                _, lr = split_meta(state.params)
                 done = eval_steps
                 for k in more_steps:  # keep adapting: metrics after k steps in all
                     adapted = adapt(loss_fn, adapted, support, inner_lr=lr, inner_steps=k - done)

@@ -386,15 +386,13 @@ class _Log:
             return
         if os.path.exists(path):  # drop lines past the checkpoint we resume from
             with open(path) as f:
-                keep = [
-                    ln
-                    for ln in f
-                    if ln.strip()
-                    and json.loads(ln)["round"] <= resume_round
-                    and json.loads(ln)["split"] != "test"  # re-written at the end
-                ]
-            with open(path, "w") as f:
-                f.writelines(keep)
+                records = [json.loads(ln) for ln in f if ln.strip()]
+            with open(path, "w") as f:  # the final 'test' record is re-written at the end
+                f.writelines(
+                    json.dumps(r) + "\n"
+                    for r in records
+                    if r["round"] <= resume_round and r["split"] != "test"
+                )
         self._f = open(path, "a")
         self._tty = sys.stdout.isatty()
 
