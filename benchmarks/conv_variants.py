@@ -42,7 +42,7 @@ import throughput  # noqa: E402  (the benchmark's own meta-step program)
 def _taps(x, kh, kw, stride, layout="nhwc"):
     """The kh*kw strided slices of the 'SAME'-padded input, in (dh, dw) order."""
     sp = (1, 2) if layout == "nhwc" else (2, 3)
-    pads = [models._same_pads(x.shape[a], stride, k) for a, k in zip(sp, (kh, kw), strict=True)]
+    pads = [models._pads(x.shape[a], stride, k) for a, k in zip(sp, (kh, kw), strict=True)]
     widths = [(0, 0)] * 4
     for a, (lo, hi, _) in zip(sp, pads, strict=True):
         widths[a] = (lo, hi)
@@ -63,8 +63,8 @@ def conv_phase(x, w, stride):
         return models.conv2d_same(x, w, stride, "im2col")
     b, h, wd, c = x.shape
     kh, kw, cin, cout = w.shape
-    pt, _, ho = models._same_pads(h, 2, kh)
-    pl, _, wo = models._same_pads(wd, 2, kw)
+    pt, _, ho = models._pads(h, 2, kh)
+    pl, _, wo = models._pads(wd, 2, kw)
     hq, wq = ho + (kh - 1) // 2, wo + (kw - 1) // 2
     xp = jnp.pad(x, ((0, 0), (pt, 2 * hq - h - pt), (pl, 2 * wq - wd - pl), (0, 0)))
     xr = xp.reshape(b, hq, 2, wq, 2, c)

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+import ml_collections
 import pytest
 
 import fmljax.tasks  # noqa: F401  (registers the reproductions' tasks)
@@ -109,9 +110,21 @@ def test_bad_config_fails_before_compiling(tmp_path):
         "5w1s,test"
     )
     config.algorithm = "fedmeta-maml"
-    config.loss_scaling = "sum"
-    with pytest.raises(ValueError, match="loss_scaling='sum'"):
-        train.run_experiment(config, str(tmp_path))
+    for field, value in [
+        ("loss_reduction", "sum"),
+        ("conv_blocks", 0),
+        ("conv_blocks", 6),  # 28 -> 14 -> 7 -> 4 -> 2 -> 1 -> 1: fine; VALID below is not
+        ("conv_padding", "same"),
+        ("bn_eps", 0.0),
+        ("bn_scale", 1),
+        ("conv_init", "kaiming"),
+    ][::-1]:
+        bad = ml_collections.ConfigDict({**config.to_dict(), field: value})  # any type
+        if (field, value) == ("conv_blocks", 6):
+            bad.conv_padding = "VALID"
+        with pytest.raises(ValueError, match=f"config.{field}="):
+            train.run_experiment(bad, str(tmp_path))
+    assert not os.listdir(tmp_path)
 
 
 def test_carve_validation_keeps_every_example_once():
@@ -165,7 +178,7 @@ CONFIG_ARGS = {
     "omniglot_maml.py": [
         f"{setting},{size}"
         for setting in ("5w1s", "5w5s", "20w1s", "20w5s")
-        for size in ("cpu", "full", "test")
+        for size in ("cpu", "long", "full", "test")
     ],
     "federated.py": [
         f"{d},{size}"

@@ -28,20 +28,37 @@ def _max_abs_diff(a, b) -> float:
 def test_conv2d_same_matches_lax(x64):
     kx, kw = jax.random.split(jax.random.key(0))
     w = jax.random.normal(kw, (3, 3, 3, 4), jnp.float64)
-    for size, stride in (((7, 7), 2), ((8, 5), 2), ((8, 5), 1)):
+    for size, stride, pad in (
+        ((7, 7), 2, "SAME"),
+        ((8, 5), 2, "SAME"),
+        ((8, 5), 1, "SAME"),
+        ((8, 5), 2, "VALID"),
+        ((7, 6), 1, "VALID"),
+    ):
         x = jax.random.normal(kx, (2, *size, 3), jnp.float64)
         a, b = jax.jit(
-            lambda x, w, s=stride: (conv2d_same(x, w, s, "lax"), conv2d_same(x, w, s, "im2col"))
+            lambda x, w, s=stride, p=pad: (
+                conv2d_same(x, w, s, "lax", p),
+                conv2d_same(x, w, s, "im2col", p),
+            )
         )(x, w)
         assert a.shape == b.shape
-        assert _max_abs_diff(a, b) < TOL, (size, stride)
+        assert _max_abs_diff(a, b) < TOL, (size, stride, pad)
+
+
+# The third case is another implementation's network protocol (3 blocks, VALID padding,
+# learned batch-norm scale, PyTorch's epsilon and initialisation): the config fields of
+# experiments/configs/omniglot_maml.py.
+OTHER = dict(blocks=3, padding="VALID", bn_scale=True, bn_eps=1e-5, init="torch")
 
 
 @pytest.mark.parametrize(
-    "mode,hw,masked", [("strided", 9, True), ("pooled", 16, False)], ids=["strided", "pooled"]
+    "mode,hw,masked,extra",
+    [("strided", 9, True, {}), ("pooled", 16, False, {}), ("strided", 15, True, OTHER)],
+    ids=["strided", "pooled", "other-protocol"],
 )
-def test_conv4_im2col_equals_lax(x64, mode, hw, masked):
-    kw_ = dict(in_channels=2, filters=2, mode=mode, dtype=jnp.float64)
+def test_conv4_im2col_equals_lax(x64, mode, hw, masked, extra):
+    kw_ = dict(in_channels=2, filters=2, mode=mode, dtype=jnp.float64, **extra)
     lax_model = fmljax.conv4(3, impl="lax", **kw_)
     col_model = fmljax.conv4(3, impl="im2col", **kw_)
     params = lax_model.init(jax.random.key(1))
@@ -105,3 +122,29 @@ def test_conv4_im2col_equals_lax(x64, mode, hw, masked):
 def test_conv4_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         fmljax.conv4(5, impl="winograd")
+
+
+def test_conv4_protocol_arguments():
+    """Block count, initialisers and their bounds; bad values are refused by name."""
+    ref = fmljax.conv4(5, filters=8).init(jax.random.key(0))
+    torch = fmljax.conv4(5, filters=8, blocks=3, bn_scale=True, init="torch").init(
+        jax.random.key(0)
+    )
+    assert sorted(ref) == ["conv0", "conv1", "conv2", "conv3", "head"]
+    assert sorted(torch) == ["conv0", "conv1", "conv2", "head"]
+    assert set(torch["conv1"]) == {"w", "b", "scale", "offset"}
+    # Glorot: zero biases, |w| <= sqrt(6 / (fan_in + fan_out)); torch: +-1/sqrt(fan_in), both.
+    assert not np.any(np.asarray(ref["conv1"]["b"]))
+    assert float(jnp.max(jnp.abs(ref["conv1"]["w"]))) <= np.sqrt(6 / (72 + 72))
+    for name, fan_in in (("conv1", 72), ("head", 8)):
+        for leaf in ("w", "b"):
+            v = np.asarray(torch[name][leaf])
+            assert np.all(np.abs(v) <= 1 / np.sqrt(fan_in)) and np.std(v) > 0.2 / np.sqrt(fan_in)
+    for kw, field in (
+        ({"padding": "same"}, "padding"),
+        ({"init": "kaiming"}, "init"),
+        ({"blocks": 0}, "blocks"),
+        ({"bn_eps": 0.0}, "bn_eps"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            fmljax.conv4(5, **kw)

@@ -39,6 +39,7 @@ on 5-way episodes after 100 rounds (far from trained; Per-FedAvg SO 36.0 ± 2.2 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 ALGORITHMS = (
     "fedavg,fedmeta-maml,fedmeta-fomaml,fedmeta-metasgd,"
@@ -88,12 +89,12 @@ def get_config(arg: str = "synthetic,cpu") -> ml_collections.ConfigDict:
         c.target_accuracy = 0.9
     else:
         c.partition = "alphabet"
-        c.omniglot_source = "procedural" if size == "test" else None
+        c.omniglot_source = "procedural" if size == "test" else config_dict.placeholder(str)
         c.image_size = 28
         c.ways, c.shots, c.queries = 5, 1, 5
         c.filters = 8 if size != "full" else 64
         c.conv_mode = "strided"
-        c.loss_scaling = "mean"
+        c.loss_reduction = "mean"
         c.augmentation = "none"
         c.task_map = "map"  # Conv4 on CPU: one task in cache at a time (benchmarks/RESULTS.md)
         c.clients_per_round = 5

@@ -7,10 +7,10 @@ running averages: the reference's transductive mode), K support and K query draw
 class, meta-batch 32 (5-way) / 16 (20-way), inner rate 0.4 (5-way) / 0.1 (20-way), 1 (5-way) /
 5 (20-way) inner steps, Adam 1e-3, 60,000 iterations, 10 test-time steps, 600 test tasks with
 a 95% confidence interval. The loss is the reference's ``N * mean cross-entropy``
-(``loss_scaling='reference'``, see :mod:`fmljax.tasks`). Meta-training is centralised MAML:
+(``loss_reduction='per_way_sum'``, see :mod:`fmljax.tasks`). Meta-training is centralised MAML:
 one client holding the training characters, ``tasks_per_client`` = the meta-batch.
 
-Commands (``ARG`` = ``<ways>w<shots>s,<size>``, size ``cpu`` or ``full``):
+Commands (``ARG`` = ``<ways>w<shots>s,<size>``, size ``cpu``, ``long`` or ``full``):
 
     python experiments/main.py --config=experiments/configs/omniglot_maml.py:5w1s,cpu \
         --workdir=runs/omniglot_maml/5w1s_cpu          # FMLJAX_OMNIGLOT=/path/omniglot.npz
@@ -19,7 +19,30 @@ Commands (``ARG`` = ``<ways>w<shots>s,<size>``, size ``cpu`` or ``full``):
   (20w1s, 0.17%) / 50 (20w5s, 0.08%) iterations, 100 / 50 test tasks; inner rates, steps, test
   steps and loss as the reference. A 2-core CPU; wall time and result in
   experiments/RESULTS.md.
-* ``full``: the reference settings above; needs a GPU (not run here).
+* ``long``: the reference protocol unshortened in everything but the iteration count (64
+  filters, meta-batch 32 / 16, the reference's inner rates and steps, Adam 1e-3, 600 test
+  tasks, 10 test-time steps), with 100 validation tasks every 500 iterations for the
+  learning curves: 5w1s 10,000 iterations (seeds 0, 1, 2), 5w5s 6,000, 20w1s 4,000, 20w5s
+  2,000. Measured on the 2-core CPU (quiet, code of this commit): a 5w1s iteration takes
+  0.12 s second order / 0.08 s first order, 5w5s 0.59 / 0.28 s, 20w1s 0.96 s second order,
+  so each setting's pair of runs is about 1 to 2 hours. The three settings one after
+  another, in the background, resumable (the same command continues where it stopped)::
+
+      nohup sh -c 'for s in 5w1s 20w1s 5w5s; do python experiments/main.py \
+          --config=experiments/configs/omniglot_maml.py:$s,long \
+          --workdir=runs/omniglot_maml/${s}_long; done' > runs/omniglot_long.log 2>&1 &
+
+  Results: experiments/RESULTS.md section 1 (``collect.py``), curves in
+  ``experiments/omniglot_<setting>.png``.
+* ``full``: the reference settings above (60,000 iterations); sized for a GPU.
+
+Other implementations' networks are config fields (defaults: the MAML reference): the
+network of a common PyTorch MAML (3 blocks of 3x3 convolution, batch norm with learned scale
+and offset, ReLU, 2x2 max-pool; PyTorch's default initialisation and epsilon) is
+``--config.conv_mode=pooled --config.conv_blocks=3 --config.bn_scale=True
+--config.bn_eps=1e-5 --config.conv_init=torch``, with its task protocol ``--config.queries=15
+--config.inner_steps=5 --config.inner_lr=0.1`` (its loss is a plain mean:
+``--config.loss_reduction=mean``).
 
 Results of the ``cpu`` variant (experiments/RESULTS.md section 1; test accuracy with 95% CI,
 MAML vs first order, wall time of both, the 2-core CPU, code 96cfea4): 5w1s 53.6 ± 5.3 vs
@@ -31,19 +54,23 @@ MAML vs first order, wall time of both, the 2-core CPU, code 96cfea4): 5w1s 53.6
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+SIZES = ("cpu", "long", "full", "test")
 
 
 def get_config(arg: str = "5w1s,cpu") -> ml_collections.ConfigDict:
     setting, size = (arg.split(",") + ["cpu"])[:2]
     ways, shots = (int(v) for v in setting.rstrip("s").split("w"))
-    if size not in ("cpu", "full", "test"):
-        raise ValueError(f"size={size!r} is not one of ('cpu', 'full', 'test')")
+    if size not in SIZES:
+        raise ValueError(f"size={size!r} is not one of {SIZES}")
     five = ways <= 5
     c = ml_collections.ConfigDict()
     c.task = "omniglot"
     c.runlocal = size
     c.partition = "episodic"
-    c.omniglot_source = "procedural" if size == "test" else None  # None: $FMLJAX_OMNIGLOT
+    # None: $FMLJAX_OMNIGLOT; a placeholder, so that --config.omniglot_source=PATH can be given.
+    c.omniglot_source = "procedural" if size == "test" else config_dict.placeholder(str)
     c.image_size = 28
     c.augmentation = "maml"
     c.algorithm = "fedmeta-maml,fedmeta-fomaml"
@@ -52,9 +79,16 @@ def get_config(arg: str = "5w1s,cpu") -> ml_collections.ConfigDict:
     c.ways = ways
     c.shots = shots
     c.queries = shots
+    # The network, the MAML reference's (see fmljax.conv4); other implementations' protocols
+    # are these fields (module docstring).
     c.filters = 64
     c.conv_mode = "strided"
-    c.loss_scaling = "reference"
+    c.conv_blocks = 4
+    c.conv_padding = "SAME"
+    c.bn_scale = False
+    c.bn_eps = 1e-3
+    c.conv_init = "glorot"
+    c.loss_reduction = "per_way_sum"
     c.num_val_tasks = 100
     c.num_eval_tasks = 600
     c.clients_per_round = 1
@@ -74,6 +108,12 @@ def get_config(arg: str = "5w1s,cpu") -> ml_collections.ConfigDict:
     c.eval_every = 5000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
+    if size == "long":  # the reference protocol, fewer iterations (the module docstring)
+        c.num_rounds = {(5, 1): 10_000, (5, 5): 6_000, (20, 1): 4_000}.get((ways, shots), 2_000)
+        c.eval_every = 500
+        c.checkpoint_every = 500
+        if (ways, shots) == (5, 1):
+            c.seeds = (0, 1, 2)
     if size == "cpu":
         c.filters = 16
         c.tasks_per_client = 8 if five else 4

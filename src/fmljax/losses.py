@@ -21,6 +21,7 @@ LossFn = Callable[[Params, Batch], jax.Array]
 MetricsFn = Callable[[Params, Batch], dict[str, jax.Array]]
 
 __all__ = [
+    "REDUCTIONS",
     "classification_metrics",
     "cross_entropy_loss",
     "masked_mean",
@@ -56,13 +57,29 @@ def mse_loss(apply: ApplyFn) -> LossFn:
     return loss
 
 
-def cross_entropy_loss(apply: ApplyFn) -> LossFn:
-    """``loss(params, batch)``: softmax cross-entropy of the logits against integer ``y``."""
+#: Reductions of :func:`cross_entropy_loss` (``reduction=``).
+REDUCTIONS = ("mean", "per_way_sum")
+
+
+def cross_entropy_loss(apply: ApplyFn, reduction: str = "mean") -> LossFn:
+    """``loss(params, batch)``: softmax cross-entropy of the logits against integer ``y``.
+
+    ``reduction``: ``'mean'`` (the default) averages over the real examples of the batch;
+    ``'per_way_sum'`` is the MAML reference code's loss (``cbfinn/maml``: per-example
+    cross-entropy divided by the shots K, summed over the N * K examples), i.e. N times the
+    mean, N being the number of classes (the logits' last axis): with K examples of each of
+    the N ways, the sum over ways of each way's mean loss. The reference's inner rates (0.4
+    for 5-way Omniglot) are rates for that loss; with ``'mean'`` the same rate is an N times
+    smaller step.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy_loss: reduction={reduction!r} is not one of {REDUCTIONS}")
 
     def loss(params: Params, batch: Batch) -> jax.Array:
         logits = predict(apply, params, batch)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-        return masked_mean(ce, batch)
+        mean = masked_mean(ce, batch)
+        return mean * logits.shape[-1] if reduction == "per_way_sum" else mean
 
     return loss
 

@@ -12,6 +12,7 @@ Shapes: ``B`` is the example axis of one batch; images are ``[B, H, W, ch]`` (NH
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -23,6 +24,8 @@ PRNGKey = jax.Array
 
 __all__ = [
     "CONV_IMPLS",
+    "CONV_INITS",
+    "PADDINGS",
     "Model",
     "batch_norm",
     "conv2d_same",
@@ -142,8 +145,16 @@ def batch_norm(
     return y
 
 
-def _same_pads(n: int, stride: int, k: int) -> tuple[int, int, int]:
-    """(pad_low, pad_high, out) of XLA's ``'SAME'`` padding along one spatial axis."""
+#: Convolution paddings of :func:`conv2d_same` and :func:`conv4` (``padding=``).
+PADDINGS = ("SAME", "VALID")
+#: Initialisers of :func:`conv4` (``init=``).
+CONV_INITS = ("glorot", "torch")
+
+
+def _pads(n: int, stride: int, k: int, padding: str = "SAME") -> tuple[int, int, int]:
+    """(pad_low, pad_high, out) of XLA's ``padding`` along one spatial axis."""
+    if padding == "VALID":
+        return 0, 0, (n - k) // stride + 1
     out = -(-n // stride)
     total = max((out - 1) * stride + k - n, 0)
     return total // 2, total - total // 2, out
@@ -160,8 +171,11 @@ def _resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def conv2d_same(x: jax.Array, w: jax.Array, stride: int, impl: str = "lax") -> jax.Array:
-    """2-D convolution, ``'SAME'`` padding: ``x`` [B, H, W, cin], ``w`` [kh, kw, cin, cout].
+def conv2d_same(
+    x: jax.Array, w: jax.Array, stride: int, impl: str = "lax", padding: str = "SAME"
+) -> jax.Array:
+    """2-D convolution, ``x`` [B, H, W, cin], ``w`` [kh, kw, cin, cout], XLA's ``padding``
+    (``'SAME'``, the default, or ``'VALID'``).
 
     ``impl="lax"``: ``jax.lax.conv_general_dilated``. ``impl="im2col"``: the ``kh * kw``
     shifted (strided) slices of the padded input are concatenated into patches
@@ -177,7 +191,7 @@ def conv2d_same(x: jax.Array, w: jax.Array, stride: int, impl: str = "lax") -> j
             x,
             w,
             window_strides=(stride, stride),
-            padding="SAME",
+            padding=padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
     if impl != "im2col":
@@ -186,8 +200,10 @@ def conv2d_same(x: jax.Array, w: jax.Array, stride: int, impl: str = "lax") -> j
     kh, kw, cin, cout = w.shape
     if cin != c:
         raise ValueError(f"conv2d_same: input has {c} channels, kernel expects {cin}")
-    pt, pb, ho = _same_pads(h, stride, kh)
-    pl, pr, wo = _same_pads(wd, stride, kw)
+    if padding not in PADDINGS:
+        raise ValueError(f"conv2d_same: padding={padding!r} is not one of {PADDINGS}")
+    pt, pb, ho = _pads(h, stride, kh, padding)
+    pl, pr, wo = _pads(wd, stride, kw, padding)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     cols = [
         jax.lax.slice(
@@ -209,19 +225,33 @@ def conv4(
     in_channels: int = 1,
     filters: int = 64,
     mode: Literal["strided", "pooled"] = "strided",
+    blocks: int = 4,
+    padding: Literal["SAME", "VALID"] = "SAME",
     bn_scale: bool = False,
     bn_offset: bool = True,
+    bn_eps: float = 1e-3,
+    init: Literal["glorot", "torch"] = "glorot",
     dtype=jnp.float32,
     impl: Literal["auto", "lax", "im2col"] = "auto",
 ) -> Model:
-    """The 4-block convolutional network of MAML's Omniglot/MiniImagenet experiments.
+    """The convolutional network of MAML's Omniglot/MiniImagenet experiments (4 blocks).
 
     Each block is a 3x3 convolution with ``filters`` channels, then batch norm on the batch's
     own statistics (learned offset by default, optional learned scale; the reference code's
-    ``tf.contrib.layers.batch_norm`` has ``center=True, scale=False``), then ReLU. In
-    ``"strided"`` mode the convolution has stride 2 and ``SAME`` padding (the reference code's
-    Omniglot net); in ``"pooled"`` mode it has stride 1 and is followed by a 2x2 max-pool.
-    The features are averaged over space and a linear head maps them to ``num_classes`` logits.
+    ``tf.contrib.layers.batch_norm`` has ``center=True, scale=False`` and ``epsilon=1e-3``),
+    then ReLU. In ``"strided"`` mode the convolution has stride 2 (the reference code's
+    Omniglot net); in ``"pooled"`` mode it has stride 1 and is followed by a 2x2 max-pool
+    (``VALID``: odd sizes are floored, as ``nn.MaxPool2d(2)``). The features are averaged over
+    space and a linear head maps them to ``num_classes`` logits.
+
+    The defaults are the MAML reference (``cbfinn/maml``). The other arguments express the
+    networks of other implementations: ``blocks`` (number of blocks), ``padding`` (XLA's
+    ``'SAME'``, which for a 3x3 stride-1 convolution is PyTorch's ``padding=1``, or
+    ``'VALID'``, PyTorch's ``padding=0``), ``bn_scale`` / ``bn_offset`` (learned batch-norm
+    scale and offset, PyTorch's ``affine=True`` is both), ``bn_eps`` (PyTorch's default is
+    ``1e-5``) and ``init``: ``"glorot"`` (the reference: Glorot-uniform kernels and head,
+    zero biases) or ``"torch"`` (PyTorch's default ``Conv2d`` / ``Linear`` initialisation:
+    kernel and bias uniform in +-1/sqrt(fan_in)).
 
     ``apply(params, x, mask=None)`` takes ``x`` [B, H, W, in_channels] and returns logits
     [B, num_classes]; ``mask`` [B] keeps padded examples out of the batch-norm statistics.
@@ -234,48 +264,61 @@ def conv4(
     ``"lax"``, whose per-task-weight convolutions become grouped convolutions under ``vmap``.
     All choices compute the same function; parameters are interchangeable.
     """
-    if num_classes < 2 or in_channels < 1 or filters < 1:
+    if num_classes < 2 or in_channels < 1 or filters < 1 or blocks < 1:
         raise ValueError(
-            f"conv4: num_classes={num_classes} must be >= 2, in_channels={in_channels} and "
-            f"filters={filters} must be >= 1"
+            f"conv4: num_classes={num_classes} must be >= 2, in_channels={in_channels}, "
+            f"filters={filters} and blocks={blocks} must be >= 1"
         )
     if mode not in ("strided", "pooled"):
         raise ValueError(f"conv4: mode={mode!r} is not one of 'strided', 'pooled'")
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv4: impl={impl!r} is not one of {CONV_IMPLS}")
+    if padding not in PADDINGS:
+        raise ValueError(f"conv4: padding={padding!r} is not one of {PADDINGS}")
+    if init not in CONV_INITS:
+        raise ValueError(f"conv4: init={init!r} is not one of {CONV_INITS}")
+    if not bn_eps > 0:
+        raise ValueError(f"conv4: bn_eps={bn_eps!r} must be > 0")
     stride = 2 if mode == "strided" else 1
 
-    def init(key: PRNGKey) -> Params:
-        keys = jax.random.split(key, 5)
+    def dense(key: PRNGKey, shape: tuple[int, ...]) -> dict[str, jax.Array]:
+        fan_in, fan_out = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+        if init == "torch":  # kaiming_uniform_(a=sqrt(5)): bound 1/sqrt(fan_in), bias alike
+            kw, kb = jax.random.split(key)
+            bound = jnp.sqrt(1.0 / fan_in)
+            return {
+                "w": jax.random.uniform(kw, shape, dtype, -bound, bound),
+                "b": jax.random.uniform(kb, shape[-1:], dtype, -bound, bound),
+            }
+        # Glorot-uniform, as tf.contrib.layers.xavier_initializer in the reference.
+        limit = jnp.sqrt(6.0 / (fan_in + fan_out))
+        return {
+            "w": jax.random.uniform(key, shape, dtype, -limit, limit),
+            "b": jnp.zeros(shape[-1:], dtype),
+        }
+
+    def init_fn(key: PRNGKey) -> Params:
+        keys = jax.random.split(key, blocks + 1)
         params: dict[str, Any] = {}
         cin = in_channels
-        for i in range(4):
-            # Glorot-uniform kernels, as tf.contrib.layers.xavier_initializer in the reference.
-            limit = jnp.sqrt(6.0 / (9 * cin + 9 * filters))
-            block = {
-                "w": jax.random.uniform(keys[i], (3, 3, cin, filters), dtype, -limit, limit),
-                "b": jnp.zeros((filters,), dtype),
-            }
+        for i in range(blocks):
+            block = dense(keys[i], (3, 3, cin, filters))
             if bn_scale:
                 block["scale"] = jnp.ones((filters,), dtype)
             if bn_offset:
                 block["offset"] = jnp.zeros((filters,), dtype)
             params[f"conv{i}"] = block
             cin = filters
-        limit = jnp.sqrt(6.0 / (filters + num_classes))
-        params["head"] = {
-            "w": jax.random.uniform(keys[4], (filters, num_classes), dtype, -limit, limit),
-            "b": jnp.zeros((num_classes,), dtype),
-        }
+        params["head"] = dense(keys[blocks], (filters, num_classes))
         return params
 
     def apply(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         h = x
-        for i in range(4):
+        for i in range(blocks):
             p = params[f"conv{i}"]
-            h = conv2d_same(h, p["w"], stride, impl)
+            h = conv2d_same(h, p["w"], stride, impl, padding)
             h = h + p["b"]
-            h = batch_norm(h, p.get("scale"), p.get("offset"), mask=mask)
+            h = batch_norm(h, p.get("scale"), p.get("offset"), eps=bn_eps, mask=mask)
             h = jax.nn.relu(h)
             if mode == "pooled":
                 h = jax.lax.reduce_window(
@@ -284,4 +327,4 @@ def conv4(
         h = jnp.mean(h, axis=(1, 2))
         return h @ params["head"]["w"] + params["head"]["b"]
 
-    return Model(init, apply)
+    return Model(init_fn, apply)

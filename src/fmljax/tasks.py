@@ -48,16 +48,20 @@ Evaluation tasks
     ``'omniglot'`` are ``num_eval_tasks`` task ids, each drawing one episode from the held-out
     characters (a device constant of the evaluation program): 600 test tasks, one each.
 
-Loss scaling and batch norm of the MAML reference code (``cbfinn/maml``)
+Loss reduction and batch norm of the MAML reference code (``cbfinn/maml``)
     Its Omniglot loss is ``softmax_cross_entropy / update_batch_size`` per example and the
     inner gradient is ``tf.gradients`` of that vector, i.e. of its SUM: the inner loss is
-    ``N * mean cross-entropy`` (N ways). ``config.loss_scaling = 'reference'`` (the default
-    for Omniglot) uses that loss, so that the reference inner rates 0.4 / 0.1 mean what they
-    meant there (with a plain mean they would be N times smaller steps); ``'mean'`` uses the
-    mean. The outer loss is the mean over tasks of the same quantity; Adam is invariant to the
-    constant. Batch norm normalises every batch (support or query, train or test) with its
-    own statistics and keeps no running averages, the reference's mode (``is_training`` is
-    never False there); the learned offset, no learned scale (``center=True, scale=False``).
+    ``N * mean cross-entropy`` (N ways). ``config.loss_reduction = 'per_way_sum'`` (the
+    Omniglot configs set it) is that loss (``fmljax.cross_entropy_loss(apply,
+    reduction='per_way_sum')``), so that the reference inner rates 0.4 / 0.1 mean what they
+    meant there (with a plain mean they would be N times smaller steps); ``'mean'`` (the
+    default) is the mean. The outer loss is the mean over tasks of the same quantity; Adam is
+    invariant to the constant. Batch norm normalises every batch (support or query, train or
+    test) with its own statistics and keeps no running averages, the reference's mode
+    (``is_training`` is never False there); the learned offset, no learned scale
+    (``center=True, scale=False``). The network-protocol fields of :func:`build_model`
+    (``conv_blocks``, ``conv_padding``, ``bn_scale``, ``bn_eps``, ``conv_init``, with
+    ``conv_mode``) default to the reference; see :func:`fmljax.conv4`.
 
 Sinusoid metrics after 1 and 10 steps
     ``'sinusoid-maml'`` evaluates with ``eval_inner_steps`` (1) steps as every algorithm
@@ -92,10 +96,11 @@ from fmljax.data.episodes import (
 )
 from fmljax.data.partition import pad_clients
 from fmljax.data.sinusoid import AMPLITUDE_RANGE, PHASE_RANGE, sinusoid_task_sampler
+from fmljax.losses import REDUCTIONS
+from fmljax.models import CONV_INITS, PADDINGS
 from fmljax.train import TaskSetup, register_task
 
 __all__ = [
-    "LOSS_SCALINGS",
     "OMNIGLOT_PARTITIONS",
     "build_model",
     "carve_validation",
@@ -103,7 +108,6 @@ __all__ = [
     "procedural_omniglot",
 ]
 
-LOSS_SCALINGS = ("reference", "mean")
 OMNIGLOT_PARTITIONS = ("episodic", "alphabet")
 
 Batch = dict[str, jax.Array]
@@ -112,6 +116,10 @@ Batch = dict[str, jax.Array]
 def _need(config: ml_collections.ConfigDict, cond: bool, field: str, allowed: str) -> None:
     if not cond:
         raise ValueError(f"config.{field}={config.get(field)!r} is invalid: must be {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _dtype(config: ml_collections.ConfigDict):
@@ -129,6 +137,11 @@ def build_model(config: ml_collections.ConfigDict) -> fmljax.Model:
             config.ways,
             filters=config.filters,
             mode=config.get("conv_mode", "strided"),
+            blocks=config.get("conv_blocks", 4),
+            padding=config.get("conv_padding", "SAME"),
+            bn_scale=config.get("bn_scale", False),
+            bn_eps=config.get("bn_eps", 1e-3),
+            init=config.get("conv_init", "glorot"),
             dtype=dtype,
         )
     if task == "synthetic":
@@ -239,12 +252,43 @@ def _load_omniglot(config: ml_collections.ConfigDict):
 
 
 def _classification_fns(config: ml_collections.ConfigDict, model: fmljax.Model):
-    scaling = config.get("loss_scaling", "mean")
-    _need(config, scaling in LOSS_SCALINGS, "loss_scaling", f"one of {LOSS_SCALINGS}")
-    ce = fmljax.cross_entropy_loss(model.apply)
-    scale = float(config.ways) if scaling == "reference" else 1.0
-    loss_fn = ce if scale == 1.0 else (lambda p, b: scale * ce(p, b))
+    reduction = config.get("loss_reduction", "mean")
+    _need(config, reduction in REDUCTIONS, "loss_reduction", f"one of {REDUCTIONS}")
+    loss_fn = fmljax.cross_entropy_loss(model.apply, reduction=reduction)
     return loss_fn, fmljax.classification_metrics(model.apply)
+
+
+def _check_conv_fields(config: ml_collections.ConfigDict) -> None:
+    """The network-protocol fields of :func:`build_model`'s Conv4 (before any data is read)."""
+    blocks = config.get("conv_blocks", 4)
+    _need(config, _is_int(blocks) and 1 <= blocks <= 8, "conv_blocks", "an int in [1, 8]")
+    _need(
+        config, config.get("conv_padding", "SAME") in PADDINGS, "conv_padding", f"one of {PADDINGS}"
+    )
+    eps = config.get("bn_eps", 1e-3)
+    _need(
+        config,
+        isinstance(eps, float | int) and not isinstance(eps, bool) and 0 < eps < float("inf"),
+        "bn_eps",
+        "a finite float > 0",
+    )
+    _need(config, isinstance(config.get("bn_scale", False), bool), "bn_scale", "True or False")
+    _need(
+        config, config.get("conv_init", "glorot") in CONV_INITS, "conv_init", f"one of {CONV_INITS}"
+    )
+    # Each block halves the image (stride 2, or a 2x2 max-pool); VALID also loses 2 pixels.
+    size, stride = config.get("image_size", 28), 2
+    for _ in range(blocks):
+        if config.get("conv_padding", "SAME") == "VALID":
+            size -= 2
+        size = -(-size // stride) if config.get("conv_mode", "strided") == "strided" else size // 2
+        _need(
+            config,
+            size >= 1,
+            "conv_blocks",
+            f"small enough for {config.get('image_size', 28)}x"
+            f"{config.get('image_size', 28)} images (a block's output would be empty)",
+        )
 
 
 @register_task("omniglot")
@@ -257,6 +301,7 @@ def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
         v = config.get(field)
         _need(config, isinstance(v, int) and v >= 1, field, "an int >= 1")
     _need(config, config.ways >= 2, "ways", "an int >= 2")
+    _check_conv_fields(config)
     data = _load_omniglot(config)
     model = build_model(config)
     loss_fn, metrics_fn = _classification_fns(config, model)
