@@ -34,8 +34,13 @@ def find_runs(root: str) -> list[str]:
 
 def load_curve(run_dir: str, metric: str | None = None) -> tuple[str, list[dict]]:
     """``(metric, records)``: the records of one run that carry the metric, by round."""
+    records = []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the line a running (or killed) run is writing
+                break
     val = [r for r in records if r.get("split") == "val"]
     pool = val or records
     if metric is None:
@@ -45,7 +50,9 @@ def load_curve(run_dir: str, metric: str | None = None) -> tuple[str, list[dict]
     return metric, sorted((r for r in pool if metric in r), key=lambda r: r["round"])
 
 
-def plot_runs(dirs: Sequence[str], out: str, metric: str | None = None) -> str:
+def plot_runs(
+    dirs: Sequence[str], out: str, metric: str | None = None, title: str | None = None
+) -> str:
     """Draw every run under ``dirs``; returns the PNG path."""
     runs = [(d, r) for d in dirs for r in find_runs(d)]
     if not runs:
@@ -65,6 +72,8 @@ def plot_runs(dirs: Sequence[str], out: str, metric: str | None = None) -> str:
         if shown in ("mse", "loss"):
             ax.set_yscale("log")
     ax_t.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

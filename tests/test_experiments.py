@@ -198,3 +198,56 @@ def test_every_shipped_config_variant_validates(name, arg):
     config = module.get_config() if arg is None else module.get_config(arg)
     for alg in str(config.algorithm).split(","):
         train.validate_config(train.algorithm_config(config, alg))
+
+
+def _fake_run(path, rounds, acc, ci, val, finished=True):
+    """The files a run writes, with made-up numbers (for collect.py's arithmetic)."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"filters": 64, "tasks_per_client": 32}, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for r, a in val:
+            f.write(json.dumps({"round": r, "split": "val", "accuracy": a, "wall_s": r / 10}))
+            f.write("\n")
+        if not finished:
+            f.write('{"round": 9')  # a line being written when the run was read
+    if finished:
+        summary = {
+            "rounds": rounds,
+            "wall_s": rounds / 10,
+            "code_version": "abc1234",
+            "test": {"accuracy": {"mean": acc, "ci95": ci, "n": 600}},
+        }
+        with open(os.path.join(path, "summary.json"), "w") as f:
+            json.dump(summary, f)
+
+
+def test_collect_omniglot_section_seeds_difference_and_running_runs(tmp_path):
+    collect = _module("experiments/collect.py", "collect")
+    root = tmp_path / "runs" / "omniglot_maml"
+    val = [(500, 0.80), (1000, 0.90)]
+    for seed, (so, fo) in enumerate([(0.95, 0.93), (0.97, 0.94), (0.96, 0.92)]):
+        _fake_run(str(root / "5w1s_long" / f"seed{seed}" / "fedmeta-maml"), 1000, so, 0.01, val)
+        _fake_run(str(root / "5w1s_long" / f"seed{seed}" / "fedmeta-fomaml"), 1000, fo, 0.02, val)
+    _fake_run(str(root / "20w1s_long" / "fedmeta-maml"), 4000, 0.90, 0.01, val)
+    _fake_run(str(root / "20w1s_long" / "fedmeta-fomaml"), 0, 0, 0, val[:1], finished=False)
+    text = collect.omniglot_section(str(tmp_path / "runs"))
+    row = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:6]}
+    # three seeds: mean ± std over seeds; difference: mean of the per-seed differences, with
+    # the task-sampling CI sqrt(3 * (0.01^2 + 0.02^2)) / 3 = 1.29 points
+    assert row["5w1s"][1] == "96.0 ± 1.0 std (n=3)" and row["5w1s"][2] == "93.0 ± 1.0 std (n=3)"
+    assert row["5w1s"][3] == "+3.0 ± 1.3 (n=3)"
+    assert row["5w1s"][7] == "1000 / 60000" and row["5w1s"][8] == "3"
+    assert row["20w1s"][1] == "90.0 ± 1.0" and row["20w1s"][2] == "running (500 it.)"
+    assert row["20w1s"][3] == "—" and row["20w1s"][6] == "+6.4"
+    assert row["5w5s"][1] == "not run"
+    assert "| 5w1s | 2 | FO | 92.0 ± 2.0 | 90.0 (1000) | 1000 |" in text
+    assert "| 20w1s | 0 | FO | running | 80.0 (500) | 500 | — | — |" in text
+    pngs = collect.omniglot_plots(str(tmp_path / "runs"), str(tmp_path))
+    assert [os.path.basename(p) for p in pngs] == ["omniglot_5w1s.png", "omniglot_20w1s.png"]
+    # --sections: section 1 from the new runs, every other section kept as it was
+    old = "# R\n\nintro\n## 1. Omniglot\n\nold table\n## 2. Sinusoid\n\nkept\n"
+    new = collect.build(str(tmp_path / "runs"))
+    merged = collect.replace_sections(old, new, ["omniglot"])
+    assert merged.startswith("# R\n\nintro\n## 1. MAML on Omniglot") and "old table" not in merged
+    assert merged.endswith("## 2. Sinusoid\n\nkept\n") and "+3.0 ± 1.3 (n=3)" in merged
