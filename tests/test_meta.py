@@ -32,6 +32,19 @@ def _problem(kind: str):
     return model.init(key), loss, support, query, lr
 
 
+METHODS = ("maml", "fomaml", "hf", "hf-fd", "reptile")
+
+
+def _compile_once(fn, *args):
+    """One program for all the checks of a test; optimisation level 0 keeps the compile short
+    (the values are what is checked here, not speed; the same XLA ops are run)."""
+    return (
+        jax.jit(fn)
+        .lower(*args)
+        .compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _manual_adapt(loss, params, support, lr, steps):
     """The inner loop written as a plain Python loop (reference for adapt)."""
@@ -49,11 +62,12 @@ def test_maml_equals_finite_differences(x64, kind, steps):
     def outer(p):
         return loss(adapt(loss, p, support, inner_lr=lr, inner_steps=steps), query)
 
-    qloss, g = jax.jit(
+    qloss, g = _compile_once(
         lambda p: meta_gradient(
             loss, p, support, query, inner_lr=lr, inner_steps=steps, method="maml"
-        )
-    )(params)
+        ),
+        params,
+    )
     assert g is not None and qloss.dtype == jnp.float64
     fd = flat_grad_fd(outer, params)
     assert rel_err(flat(g), fd) < 1e-6
@@ -64,33 +78,29 @@ def test_maml_equals_finite_differences(x64, kind, steps):
 @pytest.mark.parametrize("steps", [1, 3])
 def test_first_order_hessian_free_and_reptile(x64, kind, steps):
     params, loss, support, query, lr = _problem(kind)
-    mg = jax.jit(
-        lambda p, method: meta_gradient(
-            loss, p, support, query, inner_lr=lr, inner_steps=steps, method=method
-        ),
-        static_argnums=1,
-    )
-    _, g_maml = mg(params, "maml")
-    adapted = _manual_adapt(loss, params, support, lr, steps)
+
+    def everything(p):
+        out = {
+            m: meta_gradient(loss, p, support, query, inner_lr=lr, inner_steps=steps, method=m)
+            for m in METHODS
+        }
+        adapted = _manual_adapt(loss, p, support, lr, steps)
+        return out, adapted, jax.grad(loss)(adapted, query), loss(adapted, query)
+
+    out, adapted, g_query, adapted_loss = _compile_once(everything, params)
+    g = {m: flat(out[m][1]) for m in METHODS}
 
     # fomaml: the query gradient at the adapted parameters, and not the exact gradient.
-    _, g_fo = mg(params, "fomaml")
-    assert rel_err(flat(g_fo), flat(jax.grad(loss)(adapted, query))) < 1e-12
-    assert rel_err(flat(g_fo), flat(g_maml)) > 1e-3
-
+    assert rel_err(g["fomaml"], flat(g_query)) < 1e-12
+    assert rel_err(g["fomaml"], g["maml"]) > 1e-3
     # hf: the exact gradient through Hessian-vector products.
-    _, g_hf = mg(params, "hf")
-    assert rel_err(flat(g_hf), flat(g_maml)) < 1e-10
-
+    assert rel_err(g["hf"], g["maml"]) < 1e-10
     # hf-fd: the central-difference Hessian-vector product, within 1e-4 of hf.
-    _, g_fd = mg(params, "hf-fd")
-    assert rel_err(flat(g_fd), flat(g_hf)) < 1e-4
-
+    assert rel_err(g["hf-fd"], g["hf"]) < 1e-4
     # reptile: params - adapted, and the query loss at the adapted parameters.
-    ql, g_rep = mg(params, "reptile")
     expect = jax.tree.map(jnp.subtract, params, adapted)
-    assert rel_err(flat(g_rep), flat(expect)) < 1e-12
-    np.testing.assert_allclose(ql, loss(adapted, query), rtol=1e-12)
+    assert rel_err(g["reptile"], flat(expect)) < 1e-12
+    np.testing.assert_allclose(out["reptile"][0], adapted_loss, rtol=1e-12)
 
 
 def test_hf_fd_uses_the_hessian_batch(x64):
@@ -128,11 +138,13 @@ def test_meta_sgd_gradients_match_finite_differences(x64, kind, steps):
         lambda p: lr * (1.0 + 0.5 * jax.random.uniform(jax.random.key(3), p.shape, p.dtype)),
         params,
     )
-    _, (g_p, g_lr) = jax.jit(
+    _, (g_p, g_lr) = _compile_once(
         lambda p, a: meta_gradient(
             loss, p, support, query, inner_lr=a, inner_steps=steps, method="meta-sgd"
-        )
-    )(params, rates)
+        ),
+        params,
+        rates,
+    )
 
     def f_params(p):
         return loss(adapt(loss, p, support, inner_lr=rates, inner_steps=steps), query)
@@ -314,10 +326,14 @@ def test_conv4_batch_norm_ignores_masked_examples(x64):
         "mask": jnp.concatenate([jnp.ones(n), jnp.zeros(3)]),
     }
     loss = fmljax.cross_entropy_loss(model.apply)
-    np.testing.assert_allclose(loss(params, padded), loss(params, support), rtol=1e-12)
-    g_pad, g = jax.grad(loss)(params, padded), jax.grad(loss)(params, support)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))  # one compile per batch shape
+    (loss_pad, g_pad), (loss_real, g) = (
+        value_and_grad(params, padded),
+        value_and_grad(params, support),
+    )
+    np.testing.assert_allclose(loss_pad, loss_real, rtol=1e-12)
     assert rel_err(flat(g_pad), flat(g)) < 1e-10
     for mode in ("strided", "pooled"):
         m = fmljax.conv4(5, mode=mode, filters=4)
-        out = m.apply(m.init(jax.random.key(0)), jnp.ones((2, 16, 16, 1), jnp.float32))
+        out = jax.eval_shape(m.apply, m.init(jax.random.key(0)), jnp.ones((2, 16, 16, 1)))
         assert out.shape == (2, 5)
