@@ -5,7 +5,7 @@ networks as pure functions of PyTrees (:mod:`fmljax.meta`), and FedAvg, FedMeta,
 FedReptile as one-jit rounds (:mod:`fmljax.federated`).
 """
 
-from fmljax import data, federated, losses, mapping, meta, models, sharding
+from fmljax import convs, data, federated, losses, mapping, meta, models, sharding
 from fmljax.federated import (
     ALGORITHMS,
     ClientSharding,
@@ -19,6 +19,7 @@ from fmljax.federated import (
     perfedavg,
     scan_rounds,
 )
+from fmljax.convs import batched_convs
 from fmljax.losses import classification_metrics, cross_entropy_loss, mse_loss, regression_metrics
 from fmljax.meta import (
     METHODS,
@@ -41,6 +42,7 @@ __all__ = [
     "RoundConfig",
     "ServerState",
     "adapt",
+    "batched_convs",
     "build",
     "classification_metrics",
     "conv4",
