@@ -6,6 +6,7 @@ FedReptile as one-jit rounds (:mod:`fmljax.federated`).
 """
 
 from fmljax import convs, data, federated, losses, mapping, meta, models, sharding
+from fmljax.convs import batched_convs
 from fmljax.federated import (
     ALGORITHMS,
     ClientSharding,
@@ -19,7 +20,6 @@ from fmljax.federated import (
     perfedavg,
     scan_rounds,
 )
-from fmljax.convs import batched_convs
 from fmljax.losses import classification_metrics, cross_entropy_loss, mse_loss, regression_metrics
 from fmljax.meta import (
     METHODS,
