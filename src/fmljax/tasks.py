@@ -97,7 +97,7 @@ from fmljax.data.episodes import (
 from fmljax.data.partition import pad_clients
 from fmljax.data.sinusoid import AMPLITUDE_RANGE, PHASE_RANGE, sinusoid_task_sampler
 from fmljax.losses import REDUCTIONS
-from fmljax.models import CONV_INITS, PADDINGS
+from fmljax.models import CONV_INITS, PADDINGS, _pads
 from fmljax.train import TaskSetup, register_task
 
 __all__ = [
@@ -276,18 +276,17 @@ def _check_conv_fields(config: ml_collections.ConfigDict) -> None:
     _need(
         config, config.get("conv_init", "glorot") in CONV_INITS, "conv_init", f"one of {CONV_INITS}"
     )
-    # Each block halves the image (stride 2, or a 2x2 max-pool); VALID also loses 2 pixels.
-    size, stride = config.get("image_size", 28), 2
+    # The image size through the blocks, by the convolution's own padding arithmetic.
+    size = image = config.get("image_size", 28)
+    pooled = config.get("conv_mode", "strided") == "pooled"
     for _ in range(blocks):
-        if config.get("conv_padding", "SAME") == "VALID":
-            size -= 2
-        size = -(-size // stride) if config.get("conv_mode", "strided") == "strided" else size // 2
+        size = _pads(size, 1 if pooled else 2, 3, config.get("conv_padding", "SAME"))[2]
+        size = size // 2 if pooled else size
         _need(
             config,
             size >= 1,
             "conv_blocks",
-            f"small enough for {config.get('image_size', 28)}x"
-            f"{config.get('image_size', 28)} images (a block's output would be empty)",
+            f"small enough for {image}x{image} images (a block's output would be empty)",
         )
 
 
