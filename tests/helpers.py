@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -93,3 +99,68 @@ def tiny_sinusoid_config(**overrides) -> ml_collections.ConfigDict:
         "keep_checkpoints": 1,
     }
     return ml_collections.ConfigDict(c | overrides)
+
+
+# ---- runs on real files: compilation cache, compile counts, snapshots of a workdir ----------
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path) -> Iterator[None]:
+    """JAX's persistent compilation cache in ``path`` for the body, every program cached.
+
+    Runs of the same config compile the same programs: the second one loads them (and the
+    same executables give the same bits). The settings are restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (str(path), 0.0, 0), strict=True):
+        jax.config.update(n, v)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[list[str]]:
+    """The XLA compilations in the body (one entry each; persistent-cache hits included)."""
+    events: list[str] = []
+
+    def listener(name, *args, **kwargs):
+        if "backend_compile" in name or "cache_retrieval" in name:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def snapshot(directory) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``directory`` (empty when absent)."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def records(workdir, drop=("wall_s",)) -> list[dict]:
+    """The records of a run's metrics.jsonl without the fields ``drop``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(ln).items() if k not in drop} for ln in f]
