@@ -22,13 +22,15 @@ Commands (``ARG`` = ``<ways>w<shots>s,<size>``, size ``cpu``, ``long`` or ``full
 * ``long``: the reference protocol unshortened in everything but the iteration count (64
   filters, meta-batch 32 / 16, the reference's inner rates and steps, Adam 1e-3, 600 test
   tasks, 10 test-time steps), with 100 validation tasks every 500 iterations for the
-  learning curves: 5w1s 10,000 iterations (seeds 0, 1, 2), 5w5s 6,000, 20w1s 4,000, 20w5s
-  2,000. Measured on the 2-core CPU (quiet, code of this commit): a 5w1s iteration takes
+  learning curves: 5w1s 5,000 iterations (seeds 0, 1, 2), 5w5s 2,000, 20w1s 2,000, 20w5s
+  1,000 (what fits one working session of the 2-core CPU; runs resume, so ``num_rounds`` can
+  be raised and the same command continues). Measured on the 2-core CPU (quiet, code of this commit): a 5w1s iteration takes
   0.12 s second order / 0.08 s first order, 5w5s 0.59 / 0.28 s, 20w1s 0.96 s second order,
-  so each setting's pair of runs is about 1 to 2 hours. The three settings one after
-  another, in the background, resumable (the same command continues where it stopped)::
+  so 5w1s (three seeds) takes about 1 hour, 5w5s and 20w1s about 30 and 45 minutes. The
+  three settings one after another, in the background, resumable (the same command continues
+  where it stopped)::
 
-      nohup sh -c 'for s in 5w1s 20w1s 5w5s; do python experiments/main.py \
+      nohup sh -c 'for s in 5w1s 5w5s 20w1s; do python experiments/main.py \
           --config=experiments/configs/omniglot_maml.py:$s,long \
           --workdir=runs/omniglot_maml/${s}_long; done' > runs/omniglot_long.log 2>&1 &
 
@@ -109,7 +111,7 @@ def get_config(arg: str = "5w1s,cpu") -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
     if size == "long":  # the reference protocol, fewer iterations (the module docstring)
-        c.num_rounds = {(5, 1): 10_000, (5, 5): 6_000, (20, 1): 4_000}.get((ways, shots), 2_000)
+        c.num_rounds = {(5, 1): 5_000, (5, 5): 2_000, (20, 1): 2_000}.get((ways, shots), 1_000)
         c.eval_every = 500
         c.checkpoint_every = 500
         if (ways, shots) == (5, 1):
