@@ -488,7 +488,8 @@ def _load() -> float | None:
         return None
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
+    """The command line (``--help`` prints the module docstring and every flag)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -529,6 +530,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tag", default=None, help="free text copied into every JSON line")
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    p = parser()
     args = p.parse_args(argv)
 
     fed = args.workload == "fed-round"
