@@ -5,7 +5,10 @@ config.json): every number of ours in it is read from those files, none is typed
 
 ``--sections`` rebuilds only the named sections of the existing file (the others' runs need
 not be on this machine); the Omniglot learning curves are written as
-``experiments/omniglot_<N>w<K>s.png`` (``--plots=DIR``).
+``experiments/omniglot_<N>w<K>s.png`` (``--plots=DIR``). The Omniglot runs' few quoted numbers
+(test accuracy, iterations, wall time, code, validation curve) are kept in
+``experiments/results/omniglot_long.json`` (``--store``): a run on this machine updates its
+record, a run that is not here keeps the one it had.
 
 Expected layout under ``--runs`` (the commands in each config's docstring write it):
 ``omniglot_maml/<N>w<K>s_long/[seed<S>/]<algorithm>/`` (unfinished runs are shown with the
@@ -159,22 +162,104 @@ def read_progress(run_dir: str) -> dict[str, Any] | None:
     return {"records": records, "config": config, "summary": None, "rounds": rounds}
 
 
-def omniglot_runs(root: str, setting: str) -> dict[str, list[tuple[str, dict]]]:
-    """``{algorithm: [(seed label, run), ...]}`` of ``omniglot_maml/<setting>_long``: runs in
-    ``seed<S>/<algorithm>/`` (a command with ``config.seeds``) or in ``<algorithm>/``."""
-    base = os.path.join(root, "omniglot_maml", f"{setting}_long")
-    seeds = sorted(
-        (d for d in (os.listdir(base) if os.path.isdir(base) else []) if d.startswith("seed")),
-        key=lambda d: int(d[4:]),
+STORE = os.path.join(HERE, "results", "omniglot_long.json")
+
+
+def _record(setting: str, seed: str, alg: str, run: dict) -> dict:
+    """The few numbers of one run that section 1 and its curves quote (a small, committed
+    record: the runs themselves are not kept between machines)."""
+    s = run["summary"]
+    val = [
+        [r["round"], round(r["wall_s"], 1), r["accuracy"]]
+        for r in run["records"]
+        if r.get("split") == "val" and "accuracy" in r
+    ]
+    return dict(
+        setting=setting,
+        seed=seed,
+        algorithm=alg,
+        rounds=run["rounds"],
+        finished=bool(s),
+        test=s["test"]["accuracy"] if s else None,
+        wall_s=s["wall_s"] if s else None,
+        code_version=s.get("code_version") if s else None,
+        val=val,
     )
-    out: dict[str, list[tuple[str, dict]]] = {}
-    for alg, _ in OMNIGLOT_ALGS:
-        dirs = [(s[4:], os.path.join(base, s, alg)) for s in seeds] or [
-            ("0", os.path.join(base, alg))
-        ]
-        runs = [(label, read_progress(d)) for label, d in dirs]
-        out[alg] = [(label, r) for label, r in runs if r]
+
+
+def _run(rec: dict) -> dict:
+    """A stored record in the shape of :func:`read_progress`."""
+    records = [{"round": r, "split": "val", "accuracy": a, "wall_s": w} for r, w, a in rec["val"]]
+    summary = None
+    if rec["finished"]:
+        summary = {
+            "rounds": rec["rounds"],
+            "wall_s": rec["wall_s"],
+            "code_version": rec["code_version"],
+            "test": {"accuracy": rec["test"]},
+        }
+    return {"records": records, "summary": summary, "rounds": rec["rounds"]}
+
+
+def _disk_records(root: str) -> list[dict]:
+    """Records of the runs under ``omniglot_maml/<setting>_long/[seed<S>/]<algorithm>/``."""
+    out = []
+    for setting in PAPER_OMNIGLOT:
+        base = os.path.join(root, "omniglot_maml", f"{setting}_long")
+        names = os.listdir(base) if os.path.isdir(base) else []
+        seeds = sorted((d for d in names if d.startswith("seed")), key=lambda d: int(d[4:]))
+        for alg, _ in OMNIGLOT_ALGS:
+            dirs = [(d[4:], os.path.join(base, d, alg)) for d in seeds] or [
+                ("0", os.path.join(base, alg))
+            ]
+            for label, d in dirs:
+                run = read_progress(d)
+                if run:
+                    out.append(_record(setting, label, alg, run))
     return out
+
+
+def omniglot_records(root: str, store: str | None = None) -> list[dict]:
+    """The runs under ``root`` merged with the records kept in ``store`` (a JSON list; None or
+    a missing file: none). Of two records of one (setting, seed, algorithm) the further one
+    wins: finished before unfinished, then more iterations, then the one on disk."""
+
+    def rank(rec: dict) -> tuple[bool, int]:
+        return rec["finished"], rec["rounds"]
+
+    merged: dict[tuple, dict] = {}
+    stored = []
+    if store and os.path.exists(store):
+        with open(store) as f:
+            stored = json.load(f)
+    for rec in stored + _disk_records(root):  # disk last: it wins ties
+        key = (rec["setting"], rec["seed"], rec["algorithm"])
+        if key not in merged or rank(rec) >= rank(merged[key]):
+            merged[key] = rec
+    return sorted(merged.values(), key=lambda r: (r["setting"], int(r["seed"]), r["algorithm"]))
+
+
+def write_store(store: str, records: list[dict]) -> None:
+    """Write ``records`` to ``store`` atomically (a temporary file renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
+    tmp = store + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, store)
+
+
+def omniglot_runs(
+    root: str, setting: str, store: str | None = None
+) -> dict[str, list[tuple[str, dict]]]:
+    """``{algorithm: [(seed label, run), ...]}`` of one setting (:func:`omniglot_records`):
+    runs in ``seed<S>/<algorithm>/`` (a command with ``config.seeds``) or in ``<algorithm>/``,
+    and the stored records of runs that are not on this machine."""
+    records = [r for r in omniglot_records(root, store) if r["setting"] == setting]
+    return {
+        alg: [(r["seed"], _run(r)) for r in records if r["algorithm"] == alg]
+        for alg, _ in OMNIGLOT_ALGS
+    }
 
 
 def _test_acc(run: dict) -> dict | None:
@@ -216,8 +301,9 @@ def _difference(so: list[tuple[str, dict]], fo: list[tuple[str, dict]]) -> str:
     return f"{100 * float(np.mean(d)):+.1f} ± {100 * half:.1f}{seeds}"
 
 
-def omniglot_section(root: str) -> str:
-    """Section 1: the ``:<N>w<K>s,long`` runs, ours beside Finn et al.'s Table 1."""
+def omniglot_section(root: str, store: str | None = None) -> str:
+    """Section 1: the ``:<N>w<K>s,long`` runs (and ``store``'s records), ours beside Finn et
+    al.'s Table 1."""
     full = load_config_module("omniglot_maml")
     rows = [
         "| setting | ours SO | ours FO | SO − FO | paper SO | paper FO | paper SO − FO | "
@@ -230,7 +316,7 @@ def omniglot_section(root: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for setting, (p_so, p_fo) in PAPER_OMNIGLOT.items():
-        runs = omniglot_runs(root, setting)
+        runs = omniglot_runs(root, setting, store)
         so, fo = runs["fedmeta-maml"], runs["fedmeta-fomaml"]
         ref = full.get_config(f"{setting},full")
         its = sorted({r["rounds"] for _, r in so + fo})
@@ -254,18 +340,24 @@ def omniglot_section(root: str) -> str:
     return "\n".join(rows) + "\n\nEvery run:\n\n" + "\n".join(detail)
 
 
-def omniglot_plots(root: str, out_dir: str) -> list[str]:
+def omniglot_plots(root: str, out_dir: str, store: str | None = None) -> list[str]:
     """``omniglot_<setting>.png`` in ``out_dir`` (validation accuracy against iterations and
     wall time, second and first order, every seed) for each setting that has runs."""
     sys.path.insert(0, HERE)
-    from plot import plot_runs
+    from plot import plot_curves
 
     written = []
     for setting in PAPER_OMNIGLOT:
-        if any(runs for runs in omniglot_runs(root, setting).values()):
-            base = os.path.join(root, "omniglot_maml", f"{setting}_long")
+        runs = omniglot_runs(root, setting, store)
+        curves = [
+            (f"{short} seed {label}", run["records"])
+            for alg, short in OMNIGLOT_ALGS
+            for label, run in runs[alg]
+        ]
+        if curves:
             out = os.path.join(out_dir, f"omniglot_{setting}.png")
-            written.append(plot_runs([base], out, "accuracy", title=f"Omniglot {setting}"))
+            title = f"Omniglot {setting}: held-out validation accuracy (100 tasks)"
+            written.append(plot_curves(curves, out, "accuracy", title=title))
     return written
 
 
@@ -451,7 +543,7 @@ def walltimes_section(root: str) -> str:
     return "\n".join(rows)
 
 
-def build(root: str) -> str:
+def build(root: str, store: str | None = None) -> str:
     sections = [
         "# Results\n",
         "Generated by `python experiments/collect.py --runs=runs --out=experiments/RESULTS.md` "
@@ -479,11 +571,14 @@ def build(root: str) -> str:
         "treated as independent, which is conservative: both score the same tasks); several "
         "seeds: mean ± std over seeds. Learning curves (100 validation tasks from the 100 "
         "validation characters, every 500 iterations; against iterations and against wall "
-        "time): `experiments/omniglot_<N>w<K>s.png`. The runs ran at `nice 19` beside the "
-        "development work of the same sessions (other jobs took the CPU first), so wall times "
-        "are upper bounds. The 16-filter `:<N>w<K>s,cpu` variants are smoke tests (a few "
-        "hundred iterations) and are not reported.\n",
-        omniglot_section(root),
+        "time): `experiments/omniglot_<N>w<K>s.png`. The runs ran at `nice 5` beside the "
+        "development work of the same sessions (tests and other jobs shared the two cores), so "
+        "wall times are upper bounds. A run's numbers are kept in "
+        "`experiments/results/omniglot_long.json` (written by `collect.py` from the run's own "
+        "files), so that settings run in different sessions stand in one table. The 16-filter "
+        "`:<N>w<K>s,cpu` variants are smoke tests (a few hundred iterations) and are not "
+        "reported.\n",
+        omniglot_section(root, store),
         "\n## 2. Sinusoid regression (MAML's setting)\n",
         "Command: `python experiments/main.py --config=experiments/configs/sinusoid_maml.py:"
         "<K>,cpu --workdir=runs/sinusoid_maml/k<K>_cpu`. 600 test sinusoids, 100 query points "
@@ -570,6 +665,12 @@ def main(argv: list[str] | None = None) -> None:
         "the existing --out and keep the others as they are (default: the whole file)",
     )
     parser.add_argument("--plots", default=HERE, help="where the Omniglot curves go ('' for none)")
+    parser.add_argument(
+        "--store",
+        default=STORE,
+        help="the Omniglot runs' records, merged with the runs under --runs and rewritten "
+        "('' for none)",
+    )
     args = parser.parse_args(argv)
     keys = [k for k in args.sections.split(",") if k]
     unknown = sorted(set(keys) - set(SECTIONS))
@@ -577,14 +678,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--sections: {unknown} not in {sorted(SECTIONS)}")
     if keys and not os.path.exists(args.out):
         parser.error(f"--sections: --out={args.out!r} does not exist (build it whole first)")
-    text = build(args.runs)
+    text = build(args.runs, args.store or None)
+    if args.store and (not keys or "omniglot" in keys):
+        write_store(args.store, omniglot_records(args.runs, args.store))
     if keys:
         with open(args.out) as f:
             text = replace_sections(f.read(), text, keys)
     with open(args.out, "w") as f:
         f.write(text)
     if args.plots:
-        for path in omniglot_plots(args.runs, args.plots):
+        for path in omniglot_plots(args.runs, args.plots, args.store or None):
             print("wrote", path)
     print(text)
 

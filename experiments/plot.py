@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["find_runs", "load_curve", "main", "plot_runs"]
+__all__ = ["find_runs", "load_curve", "main", "plot_curves", "plot_runs"]
 
 
 def find_runs(root: str) -> list[str]:
@@ -57,19 +57,29 @@ def plot_runs(
     runs = [(d, r) for d in dirs for r in find_runs(d)]
     if not runs:
         raise ValueError(f"no metrics.jsonl under {list(dirs)}")
-    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
-    shown = None
+    curves, shown = [], metric
     for root, run in runs:
         name, curve = load_curve(run, metric)
         shown = shown or name
         label = os.path.relpath(run, os.path.dirname(os.path.abspath(root).rstrip("/")))
-        ax_r.plot([r["round"] for r in curve], [r[name] for r in curve], marker=".", label=label)
-        ax_t.plot([r["wall_s"] for r in curve], [r[name] for r in curve], marker=".", label=label)
+        curves.append((label, curve))
+    return plot_curves(curves, out, shown, title)
+
+
+def plot_curves(
+    curves: Sequence[tuple[str, Sequence[dict]]], out: str, metric: str, title: str | None = None
+) -> str:
+    """One curve per ``(label, records)`` (records with ``round``, ``wall_s`` and ``metric``),
+    against rounds (left) and wall time (right); returns the PNG path."""
+    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, curve in curves:
+        ax_r.plot([r["round"] for r in curve], [r[metric] for r in curve], marker=".", label=label)
+        ax_t.plot([r["wall_s"] for r in curve], [r[metric] for r in curve], marker=".", label=label)
     for ax, xlabel in ((ax_r, "round"), (ax_t, "wall time (s)")):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(shown)
+        ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        if shown in ("mse", "loss"):
+        if metric in ("mse", "loss"):
             ax.set_yscale("log")
     ax_t.legend(fontsize=7, loc="best")
     if title:

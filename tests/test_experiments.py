@@ -251,3 +251,34 @@ def test_collect_omniglot_section_seeds_difference_and_running_runs(tmp_path):
     merged = collect.replace_sections(old, new, ["omniglot"])
     assert merged.startswith("# R\n\nintro\n## 1. MAML on Omniglot") and "old table" not in merged
     assert merged.endswith("## 2. Sinusoid\n\nkept\n") and "+3.0 ± 1.3 (n=3)" in merged
+
+
+def test_collect_omniglot_store_keeps_runs_that_are_not_on_this_machine(tmp_path):
+    """Section 1 and its curves come from the runs merged with the stored records: a finished
+    run leaves its numbers in the store, and a later machine without the run (or with a
+    shorter rerun of it) still shows them; a further run replaces its record."""
+    collect = _module("experiments/collect.py", "collect")
+    store = str(tmp_path / "results" / "omniglot_long.json")
+    first = tmp_path / "first" / "omniglot_maml" / "5w1s_long"
+    _fake_run(str(first / "fedmeta-maml"), 5000, 0.96, 0.01, [(500, 0.8), (5000, 0.95)])
+    collect.write_store(store, collect.omniglot_records(str(tmp_path / "first"), store))
+    text = collect.omniglot_section(str(tmp_path / "first"), store)
+
+    later = tmp_path / "later" / "omniglot_maml"
+    _fake_run(str(later / "5w1s_long" / "fedmeta-maml"), 0, 0, 0, [(500, 0.7)], finished=False)
+    _fake_run(str(later / "5w5s_long" / "fedmeta-fomaml"), 2000, 0.97, 0.005, [(500, 0.9)])
+    merged = collect.omniglot_section(str(tmp_path / "later"), store)
+    row = [line for line in text.splitlines() if line.startswith("| 5w1s | 96.0")]
+    assert len(row) == 1 and row[0] in merged.splitlines()  # the stored run, not the rerun
+    assert "| 5w1s | 0 | SO | 96.0 ± 1.0 | 95.0 (5000) | 5000 | 500 | `abc1234` |" in merged
+    assert "| 5w5s | 0 | FO | 97.0 ± 0.5 | 90.0 (500) | 2000 |" in merged
+    alone = collect.omniglot_section(str(tmp_path / "later"))  # without the store
+    assert "| 5w1s | 0 | SO | running | 70.0 (500) | 500 | — | — |" in alone
+
+    collect.write_store(store, collect.omniglot_records(str(tmp_path / "later"), store))
+    with open(store) as f:
+        kept = {(r["setting"], r["algorithm"]): r for r in json.load(f)}
+    assert kept[("5w1s", "fedmeta-maml")]["rounds"] == 5000 and len(kept) == 2
+    assert kept[("5w1s", "fedmeta-maml")]["val"] == [[500, 50.0, 0.8], [5000, 500.0, 0.95]]
+    pngs = collect.omniglot_plots(str(tmp_path / "nothing"), str(tmp_path), store)
+    assert [os.path.basename(p) for p in pngs] == ["omniglot_5w1s.png", "omniglot_5w5s.png"]

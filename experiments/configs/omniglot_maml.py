@@ -23,17 +23,17 @@ Commands (``ARG`` = ``<ways>w<shots>s,<size>``, size ``cpu``, ``long`` or ``full
   filters, meta-batch 32 / 16, the reference's inner rates and steps, Adam 1e-3, 600 test
   tasks, 10 test-time steps), with 100 validation tasks every 500 iterations for the
   learning curves: 5w1s 5,000 iterations (seeds 0, 1, 2), 5w5s 2,000, 20w1s 2,000, 20w5s
-  1,000 (what fits one working session of the 2-core CPU; runs resume, so ``num_rounds`` can
-  be raised and the same command continues). Measured on the 2-core CPU (quiet, code of this commit): a 5w1s iteration takes
-  0.12 s second order / 0.08 s first order, 5w5s 0.59 / 0.28 s, 20w1s 0.96 s second order,
-  so 5w1s (three seeds) takes about 1 hour, 5w5s and 20w1s about 30 and 45 minutes. The
-  three settings one after another, in the background, resumable (the same command continues
-  where it stopped)::
+  1,000 (what fits one working session of the 2-core CPU; a run resumes, so ``num_rounds``
+  can be raised later and the same command continues). On the 2-core CPU a 5w1s iteration
+  takes about 0.44 s second order (measured in the run, both cores free). The runs behind
+  RESULTS.md section 1 (5w1s: second order seed 0, first order seeds 0, 1, 2)::
 
-      nohup sh -c 'for s in 5w1s 5w5s 20w1s; do python experiments/main.py \
-          --config=experiments/configs/omniglot_maml.py:$s,long \
-          --workdir=runs/omniglot_maml/${s}_long; done' > runs/omniglot_long.log 2>&1 &
+      C=experiments/configs/omniglot_maml.py:5w1s,long W=runs/omniglot_maml/5w1s_long
+      nohup sh -c "python experiments/main.py --config=$C --config.seeds='(0,)' --workdir=$W &&
+          python experiments/main.py --config=$C --config.algorithm=fedmeta-fomaml \
+              --workdir=$W" > runs/omniglot_long.log 2>&1 &
 
+  and for another setting ``:<N>w<K>s,long`` with ``--workdir=runs/omniglot_maml/<N>w<K>s_long``.
   Results: experiments/RESULTS.md section 1 (``collect.py``), curves in
   ``experiments/omniglot_<setting>.png``.
 * ``full``: the reference settings above (60,000 iterations); sized for a GPU.
