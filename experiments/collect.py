@@ -556,10 +556,12 @@ def build(root: str, store: str | None = None) -> str:
         "(`src/fmljax`) is the same in every commit from `7a15ed5` to `96cfea4`, the later "
         "ones changed benchmarks, configs and tests only.\n",
         "## 1. MAML on Omniglot, second order against first order\n",
-        "Command (all three settings, one after another, resumable): see the `long` variant "
-        "in `experiments/configs/omniglot_maml.py`; one setting is `python experiments/main.py "
+        "Command: `python experiments/main.py "
         "--config=experiments/configs/omniglot_maml.py:<N>w<K>s,long "
-        "--workdir=runs/omniglot_maml/<N>w<K>s_long` with `FMLJAX_OMNIGLOT=omniglot.npz`. "
+        "--workdir=runs/omniglot_maml/<N>w<K>s_long` with `FMLJAX_OMNIGLOT=omniglot.npz` "
+        "(resumable: the same command continues a run; the exact commands behind each row, "
+        "seeds included, are in the `long` variant's docstring in "
+        "`experiments/configs/omniglot_maml.py`). "
         "Paper: Finn et al., 2017, Table 1 (60,000 iterations). Ours: the reference protocol "
         "(strided Conv4 with 64 filters, batch norm on each batch's own statistics, meta-batch "
         "32 (5-way) / 16 (20-way), inner rate 0.4 / 0.1 with 1 / 5 steps on the reference's "
