@@ -39,8 +39,7 @@ def throughput(log: str) -> dict:
 
 
 def omniglot(work: str, name: str) -> dict:
-    run_dir = os.path.join(work, RUN_DIRS.get(name, ""))
-    run = read_progress(run_dir) if name in RUN_DIRS else None
+    run = read_progress(os.path.join(work, RUN_DIRS[name]))
     if not run:
         return {}
     val = [r for r in run["records"] if r.get("split") == "val" and "accuracy" in r]
