@@ -155,7 +155,7 @@ def build_model(config: ml_collections.ConfigDict) -> fmljax.Model:
 # Sinusoid regression, MAML's setting (non-federated meta-learning).
 
 
-@register_task("sinusoid-maml")
+@register_task("sinusoid-maml", fields=("eval_query_size", "num_eval_tasks", "num_val_tasks"))
 def _sinusoid_maml(config: ml_collections.ConfigDict) -> TaskSetup:
     k, q = config.support_size, config.query_size
     q_eval = config.get("eval_query_size", q)
@@ -290,7 +290,31 @@ def _check_conv_fields(config: ml_collections.ConfigDict) -> None:
         )
 
 
-@register_task("omniglot")
+@register_task(
+    "omniglot",
+    fields=(
+        "partition",
+        "ways",
+        "shots",
+        "queries",
+        "augmentation",
+        "omniglot_source",
+        "image_size",
+        "filters",
+        "conv_mode",
+        "conv_blocks",
+        "conv_padding",
+        "bn_eps",
+        "bn_scale",
+        "conv_init",
+        "loss_reduction",
+        "num_val_tasks",
+        "num_eval_tasks",
+        "eval_query_size",
+        "val_fraction",
+        "batch_size",
+    ),
+)
 def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
     from fmljax.data.omniglot import omniglot_clients, split_omniglot
 
@@ -483,7 +507,9 @@ def _labelled_setup(
     )
 
 
-@register_task("synthetic")
+@register_task(
+    "synthetic", fields=("alpha", "beta", "variant", "max_examples", "val_fraction", "batch_size")
+)
 def _synthetic(config: ml_collections.ConfigDict) -> TaskSetup:
     from fmljax.data.synthetic import synthetic_federated
 
@@ -498,7 +524,7 @@ def _synthetic(config: ml_collections.ConfigDict) -> TaskSetup:
     return _labelled_setup(config, fed, build_model(config))
 
 
-@register_task("digits")
+@register_task("digits", fields=("partition", "classes_per_client", "val_fraction", "batch_size"))
 def _digits(config: ml_collections.ConfigDict) -> TaskSetup:
     from fmljax.data.digits import digits_federated
 

@@ -67,7 +67,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -80,19 +79,22 @@ import numpy as np
 import optax
 
 import fmljax
-from fmljax import sharding
+from fmljax import runlog, sharding
 from fmljax.federated import ALGORITHMS, RoundConfig, ServerState, scan_rounds
 
 __all__ = [
+    "COMMON_FIELDS",
     "LOOP_FIELDS",
     "MODELS",
     "SERVER_OPTIMIZERS",
     "TASKS",
+    "TASK_FIELDS",
     "NonFiniteRoundError",
     "TaskSetup",
     "comparison_table",
     "confidence_interval",
     "config_fingerprint",
+    "known_fields",
     "load_checkpoint",
     "register_task",
     "run_experiment",
@@ -154,16 +156,58 @@ class TaskSetup:
 
 
 TASKS: dict[str, Callable[[ml_collections.ConfigDict], TaskSetup]] = {}
+TASK_FIELDS: dict[str, tuple[str, ...]] = {}
+
+# Fields every run may have (besides :data:`LOOP_FIELDS` and the RoundConfig fields); a
+# task's own fields are declared with ``register_task(name, fields=...)``. Any other field
+# is refused, so that a misspelt one (``inner_lrr``) is not silently ignored.
+COMMON_FIELDS = (
+    "task",
+    "algorithm",
+    "model",
+    "seed",
+    "seeds",
+    "data_seed",
+    "overrides",
+    "server_optimizer",
+    "server_lr",
+    "fine_tune",
+    "float64",
+    "hidden",
+    "num_clients",
+    "num_eval_clients",
+    "support_size",
+    "query_size",
+    "target_accuracy",  # read by experiments/collect.py (rounds to a target)
+    "finetune_rounds",  # experiments/configs/jiang.py: the warm start's length, recorded
+    "stage",  # experiments/configs/jiang.py: which stage of the two-stage run
+)
 
 
-def register_task(name: str):
-    """Decorator: register ``builder(config) -> TaskSetup`` under ``config.task == name``."""
+def register_task(name: str, fields: tuple[str, ...] = ()):
+    """Decorator: register ``builder(config) -> TaskSetup`` under ``config.task == name``.
+
+    ``fields``: the config fields the builder reads beyond :data:`COMMON_FIELDS`."""
 
     def deco(fn):
         TASKS[name] = fn
+        TASK_FIELDS[name] = tuple(fields)
         return fn
 
     return deco
+
+
+def known_fields(task: str) -> tuple[str, ...]:
+    """Every config field a run of ``task`` may have."""
+    rc = tuple(f.name for f in dataclasses.fields(RoundConfig))
+    return (*COMMON_FIELDS, *LOOP_FIELDS, *rc, *TASK_FIELDS.get(task, ()))
+
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @register_task("sinusoid")
@@ -226,12 +270,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not cond:
             raise ValueError(f"config.{field}={config.get(field)!r} is invalid: must be {allowed}")
 
-    need(config.get("task") in TASKS, "task", f"one of {tuple(sorted(TASKS))}")
-    for name in str(config.get("algorithm", "")).split(","):
+    task = config.get("task")
+    need(
+        task in TASKS,
+        "task",
+        f"one of {tuple(sorted(TASKS))}{_did_you_mean(task, TASKS)}",
+    )
+    known = known_fields(task)
+    for field in config.keys():
+        if field not in known:
+            raise ValueError(
+                f"config.{field} is not a field of a run of task {task!r}"
+                f"{_did_you_mean(field, known)}; a task's own fields are declared with "
+                "register_task(name, fields=...)"
+            )
+    names = str(config.get("algorithm", "")).split(",")
+    for name in names:
         need(
             name.strip() in ALGORITHMS,
             "algorithm",
-            f"one (or a comma-separated list) of {tuple(ALGORITHMS)}",
+            f"one (or a comma-separated list) of {tuple(ALGORITHMS)}"
+            + _did_you_mean(name.strip(), ALGORITHMS),
         )
     if "model" in config:
         need(config.model in MODELS, "model", f"one of {MODELS}")
@@ -244,17 +303,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ):
         v = config.get(field)
         need(_is_int(v) and v >= 1, field, "an int >= 1")
-    for field in ("eval_every", "checkpoint_every"):
-        need(
-            config[field] % config.rounds_per_call == 0,
-            field,
-            f"a multiple of rounds_per_call={config.rounds_per_call}",
-        )
-    need(
-        config.num_rounds % config.rounds_per_call == 0,
-        "num_rounds",
-        f"a multiple of rounds_per_call={config.rounds_per_call}",
-    )
     for field in ("seed", "data_seed"):
         if field in config:
             need(_is_int(config[field]) and config[field] >= 0, field, "an int >= 0")
@@ -274,10 +322,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"one of {SERVER_OPTIMIZERS}",
     )
     lr = config.get("server_lr", 0)
-    need(_is_number(lr) and lr > 0, "server_lr", "a number > 0")
+    finite = lambda v: _is_number(v) and math.isfinite(v) and v > 0
+    need(finite(lr), "server_lr", "a finite number > 0")
     for field in ("local_lr", "inner_lr", "fd_delta"):
         if field in config:
-            need(_is_number(config[field]) and config[field] > 0, field, "a number > 0")
+            need(finite(config[field]), field, "a finite number > 0")
     if "num_clients" in config and "clients_per_round" in config:
         need(
             config.clients_per_round <= config.num_clients,
@@ -375,48 +424,6 @@ def confidence_interval(values: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
-class _Log:
-    """metrics.jsonl writer (flushed and synced per write) and a terminal progress line."""
-
-    def __init__(self, path: str, resume_round: int, enabled: bool = True):
-        self._enabled = enabled
-        if not enabled:  # another process of a multi-host run writes the files
-            self._f = open(os.devnull, "w")
-            self._tty = False
-            return
-        if os.path.exists(path):  # drop lines past the checkpoint we resume from
-            with open(path) as f:
-                records = [json.loads(ln) for ln in f if ln.strip()]
-            with open(path, "w") as f:  # the final 'test' record is re-written at the end
-                f.writelines(
-                    json.dumps(r) + "\n"
-                    for r in records
-                    if r["round"] <= resume_round and r["split"] != "test"
-                )
-        self._f = open(path, "a")
-        self._tty = sys.stdout.isatty()
-
-    def write(self, records: list[dict]) -> None:
-        for r in records:
-            self._f.write(json.dumps(r) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def progress(self, text: str) -> None:
-        if not self._enabled:
-            return
-        if self._tty:
-            sys.stdout.write("\r\033[K" + text)
-        else:
-            sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        if self._enabled and self._tty:
-            sys.stdout.write("\n")
-        self._f.close()
-
-
 def code_version() -> str | None:
     """The git commit of the fmljax source (``+dirty`` with uncommitted changes), or None."""
     import subprocess
@@ -477,25 +484,24 @@ def _fingerprint_differences(
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """The raw contents of a run's checkpoint (default: the latest) as NumPy arrays.
+    """The contents of a run's checkpoint (default: the newest that verifies) as NumPy arrays.
 
     ``{'state': {'server': (params, opt_state, round), 'rng_key': uint32 [2]}, 'meta':
-    {'round', 'fingerprint', ...}}``; for inspection and tests (training restores typed).
+    {'round', 'fingerprint', 'checksum', ...}, 'step'}``; for inspection and tests (training
+    restores typed). Read only: a damaged checkpoint is reported and left where it is.
     """
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-    ) as manager:
-        step = manager.latest_step() if step is None else step
+    ckpt = runlog.Checkpointer(workdir, 1, read_only=True)
+    try:
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        got = manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-    return {"state": got["state"], "meta": got["meta"], "step": int(step)}
+            got = ckpt.restore(None, move_damaged=False)
+            if got is None:
+                raise FileNotFoundError(f"no checkpoint that verifies in {ckpt.directory}")
+            step, state, meta = got
+        else:
+            state, meta = ckpt.load(step, None)
+    finally:
+        ckpt.close()
+    return {"state": state, "meta": meta, "step": int(step)}
 
 
 class _Signals:
@@ -556,16 +562,69 @@ def _failure_message(
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train ``config.algorithm`` on ``config.task``; write the run's files into ``workdir``.
+class _Interrupted(Exception):
+    """A signal arrived while the main thread waited for a compilation."""
 
-    Returns the summary (also written to ``workdir/summary.json``). Raises
-    :class:`NonFiniteRoundError` when a round is non-finite; on SIGTERM / SIGINT, writes a
-    checkpoint of the last completed round and raises ``SystemExit(128 + signal)`` /
-    ``KeyboardInterrupt``.
+
+def _in_thread(fn: Callable[[], Any], signals: _Signals) -> Any:
+    """``fn()`` in a worker thread; the main thread polls ``signals`` meanwhile.
+
+    XLA compiles without returning to the interpreter, so a signal handler of the main
+    thread would only run once the compilation is done (seconds to minutes); compiling in a
+    worker lets the loop act on SIGTERM / SIGINT at once (raises :class:`_Interrupted`).
     """
-    import orbax.checkpoint as ocp
+    out: dict[str, Any] = {}
 
+    def work() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised in the main thread
+            out["error"] = e
+
+    worker = threading.Thread(target=work, name="fmljax-compile", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+        if signals.received is not None:
+            raise _Interrupted
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _call_rounds(rounds: int, config: ml_collections.ConfigDict) -> int:
+    """Rounds of the next call from round ``rounds``: ``rounds_per_call``, cut short so that
+    the call ends on the next evaluation round, checkpoint round or ``num_rounds``."""
+    stops = [config.num_rounds - rounds]
+    for every in (config.eval_every, config.checkpoint_every):
+        stops.append(every - rounds % every)
+    return min(config.rounds_per_call, *stops)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one process of a run holds: the built task and algorithm, devices and keys."""
+
+    config: ml_collections.ConfigDict
+    setup: TaskSetup
+    alg: Any
+    mesh: Any
+    put: Callable[[Any], Any]
+    k_rounds: jax.Array
+    k_eval: jax.Array
+    state: Any  # the server state of round 0 (replaced by the restored one)
+    fingerprint: dict[str, Any]
+
+    @property
+    def debug(self) -> bool:
+        return bool(self.config.get("debug_nojit", False))
+
+    def bundle(self, state: Any) -> dict[str, Any]:
+        return {"server": state, "rng_key": self.put(jax.random.key_data(self.k_rounds))}
+
+
+def _build_run(config: ml_collections.ConfigDict) -> _Run:
+    """Validate the config against itself and the task's data, build the algorithm."""
     validate_config(config)
     if "," in config.algorithm:
         raise ValueError("train_and_evaluate runs one algorithm; main.py splits the list")
@@ -578,15 +637,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     mesh_axes = tuple(config.get("mesh_axes", (sharding.CLIENT_AXIS,)))
     client_axis = config.get("client_axis", sharding.CLIENT_AXIS)
+    mesh_shape = tuple(config.get("mesh_shape", (-1,)))
     if not debug:
-        sharding.validate_mesh(
-            tuple(config.get("mesh_shape", (-1,))), mesh_axes, client_axis, prefix="config."
-        )
+        sharding.validate_mesh(mesh_shape, mesh_axes, client_axis, prefix="config.")
     setup = TASKS[config.task](config)
     validate_setup(config, setup)
-    mesh = None
-    if not debug:
-        mesh = sharding.client_mesh(tuple(config.get("mesh_shape", (-1,))), mesh_axes, client_axis)
+    mesh = None if debug else sharding.client_mesh(mesh_shape, mesh_axes, client_axis)
     alg = fmljax.build(
         config.algorithm,
         setup.loss_fn,
@@ -597,177 +653,273 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         fine_tune=bool(config.get("fine_tune", False)),
         client_sharding=None if mesh is None else sharding.client_sharding(mesh, client_axis),
     )
-    key = jax.random.key(config.seed)
-    k_init, k_rounds, k_eval = jax.random.split(key, 3)
+    k_init, k_rounds, k_eval = jax.random.split(jax.random.key(config.seed), 3)
     state = alg.init(setup.model.init(k_init))
-    fingerprint = config_fingerprint(config, state)
-    lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(
-        ckpt_dir,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
-        ),
-    )
     put = (lambda t: t) if mesh is None else (lambda t: sharding.replicate(t, mesh))
-    state = put(state)
-    train_data, val_data, test_data = (
-        put(setup.train_data),
-        put(setup.val_data),
-        put(setup.test_data),
-    )
-    k_rounds_dev = put(k_rounds)
-    start = 0
-    wall_before = 0.0  # wall seconds of the earlier processes of this run (from the checkpoint)
-    if manager.latest_step() is not None:
-        start = int(manager.latest_step())
-        meta = manager.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        wall_before = float(meta.get("wall_s", 0.0)) if not config.get("init_from", None) else 0.0
-        diff = _fingerprint_differences(meta.get("fingerprint", {}), fingerprint)
+    fingerprint = config_fingerprint(config, state)
+    return _Run(config, setup, alg, mesh, put, k_rounds, k_eval, put(state), fingerprint)
+
+
+def _restore(run: _Run, ckpt: runlog.Checkpointer) -> tuple[int, Any, float]:
+    """``(round, state, wall seconds before)`` of the newest checkpoint that verifies."""
+    config = run.config
+    abstract = lambda: jax.tree.map(ocp_abstract, run.bundle(run.state))
+
+    def check(step: int, meta: dict) -> None:
+        where = f"the checkpoint of round {step} in {ckpt.directory}"
+        diff = _fingerprint_differences(meta.get("fingerprint", {}), run.fingerprint)
         if config.get("init_from", None):  # a warm start: only the state must fit
             diff = [d for d in diff if d.startswith("state")]
         if diff:
             raise ValueError(
-                f"the checkpoint of round {start} in {ckpt_dir} was written by a different "
-                "config and is refused; what differs:\n  " + "\n  ".join(diff) + "\nUse a "
-                "new workdir for this config (or restore the old config to resume)."
+                f"{where} was written by a different config and is refused; what differs:\n  "
+                + "\n  ".join(diff)
+                + "\nUse a new workdir for this config (or restore the old config to resume)."
             )
-        abstract = {
-            "server": jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
-            "rng_key": ocp.utils.to_shape_dtype_struct(put(jax.random.key_data(k_rounds))),
-        }
-        restored = manager.restore(
-            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )["state"]
-        state = ServerState(*restored["server"])
-        saved_key = np.asarray(jax.device_get(restored["rng_key"]))
-        if not np.array_equal(saved_key, np.asarray(jax.random.key_data(k_rounds))):
+        if config.num_rounds < step and not config.get("init_from", None):
             raise ValueError(
-                f"the checkpoint of round {start} in {ckpt_dir} holds the round key "
-                f"{saved_key.tolist()}, this run's seed gives "
-                f"{np.asarray(jax.random.key_data(k_rounds)).tolist()}: refused"
-            )
-        if int(jax.device_get(state.round)) != start:
-            raise ValueError(
-                f"the checkpoint of step {start} holds round {int(state.round)}: refused"
+                f"config.num_rounds={config.num_rounds} is invalid: {where} is past it; must "
+                f"be >= {step} to resume this run (or use a new workdir)"
             )
 
-    def save(rounds: int) -> None:
-        bundle = {"server": state, "rng_key": put(jax.random.key_data(k_rounds))}
+    got = ckpt.restore(abstract, check)
+    if got is None:
+        return 0, run.state, 0.0
+    start, restored, meta = got
+    where = f"the checkpoint of round {start} in {ckpt.directory}"
+    state = ServerState(*restored["server"])
+    saved_key = np.asarray(jax.device_get(restored["rng_key"]))
+    own_key = np.asarray(jax.random.key_data(run.k_rounds))
+    if not np.array_equal(saved_key, own_key):
+        raise ValueError(
+            f"{where} holds the round key {saved_key.tolist()}, this run's seed gives "
+            f"{own_key.tolist()}: refused"
+        )
+    if int(jax.device_get(state.round)) != start:
+        raise ValueError(f"{where} holds round {int(state.round)}: refused")
+    wall_before = 0.0 if config.get("init_from", None) else float(meta.get("wall_s", 0.0))
+    return start, state, wall_before
+
+
+def ocp_abstract(x: Any) -> Any:
+    """The shape, dtype and sharding orbax restores an array leaf into."""
+    import orbax.checkpoint as ocp
+
+    return ocp.utils.to_shape_dtype_struct(x)
+
+
+def _finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """The summary of a run of this config that already finished in ``workdir``, or None."""
+    try:
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = lambda c: {k: v for k, v in c.items() if k not in LOOP_FIELDS}
+    current = json.loads(config.to_json())
+    if same(saved) != same(current) or summary.get("rounds") != config.num_rounds:
+        return None
+    return summary
+
+
+def _record(rounds: int, split: str, values: Mapping[str, Any], wall: float) -> dict:
+    return {"round": rounds, "split": split, **{k: float(v) for k, v in values.items()},
+            "wall_s": wall}  # fmt: skip
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train ``config.algorithm`` on ``config.task``; write the run's files into ``workdir``.
+
+    Returns the summary (also written to ``workdir/summary.json``); a run that already
+    finished in ``workdir`` with this config returns its summary and computes nothing.
+    Raises :class:`NonFiniteRoundError` when a round is non-finite; on SIGTERM / SIGINT
+    (also during a compilation), writes a checkpoint of the last completed round and raises
+    ``SystemExit(128 + signal)`` / ``KeyboardInterrupt``.
+    """
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ValueError(f"workdir={workdir!r} is invalid: must be a non-empty path")
+    validate_config(config)
+    lead = jax.process_index() == 0
+    done = _finished_summary(config, workdir)
+    if done is not None:
+        if lead:
+            print(
+                f"{config.algorithm}: the run in {workdir} is complete (round "
+                f"{done['rounds']} of {config.num_rounds}); its summary is "
+                f"{os.path.join(workdir, 'summary.json')}",
+                flush=True,
+            )
+        return done
+    run = _build_run(config)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = runlog.Checkpointer(workdir, config.keep_checkpoints)
+    try:
+        start, state, wall_before = _restore(run, ckpt)
+        if lead:
+            runlog.atomic_write(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+        log = runlog.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, enabled=lead)
+        try:
+            clock = _Clock(wall_before)
+            state = _loop(run, state, start, ckpt, log, clock, lead)
+            ckpt.wait()
+            return _finish(run, state, workdir, log, clock, lead)
+        finally:
+            log.close()
+    finally:
+        ckpt.close()
+
+
+class _Clock:
+    """Wall seconds of this run, summed over its processes (the earlier ones' from the
+    checkpoint)."""
+
+    def __init__(self, before: float):
+        self.before, self.t0 = before, time.time()
+
+    def this_process(self) -> float:
+        return time.time() - self.t0
+
+    def __call__(self) -> float:
+        return self.before + self.this_process()
+
+
+class _Rounds:
+    """The compiled calls: one program per call length (usually one), each compiled in a
+    worker thread (:func:`_in_thread`); ``debug_nojit`` runs the rounds one by one."""
+
+    def __init__(self, run: _Run, signals: _Signals):
+        self.run, self.signals, self._compiled = run, signals, {}
+        rep = None if run.debug else sharding.replicated(run.mesh)
+        self._evaluate = (
+            run.alg.evaluate
+            if run.debug
+            else jax.jit(run.alg.evaluate, in_shardings=(rep, rep, rep), out_shardings=rep)
+        )
+        self._evaluators: dict[str, Any] = {}
+
+    def __call__(self, state: Any, n: int, data: Any) -> tuple[Any, dict[str, np.ndarray]]:
+        run, key = self.run, self.run.put(self.run.k_rounds)
+        if run.debug:  # one round per call, stop at a failure
+            one = scan_rounds(run.alg.update, 1)
+            metrics = []
+            for _ in range(n):
+                state, m = one(state, key, data)
+                metrics.append(sharding.to_host(m))
+                if _first_failure(metrics[-1]) is not None:
+                    break  # a rejected round returns the state it was given
+            return state, {k: np.concatenate([m[k] for m in metrics]) for k in metrics[0]}
+        if n not in self._compiled:
+            jitted = sharding.jit_round(scan_rounds(run.alg.update, n), run.mesh)
+            self._compiled[n] = _in_thread(
+                lambda: jitted.lower(state, key, data).compile(), self.signals
+            )
+        state, m = self._compiled[n](state, key, data)
+        return state, sharding.to_host(m)
+
+    def evaluate(self, state: Any, key: jax.Array, data: Any, split: str) -> dict:
+        key = self.run.put(key)
+        if self.run.debug:
+            return sharding.to_host(self._evaluate(state, key, data))
+        if split not in self._evaluators:
+            self._evaluators[split] = _in_thread(
+                lambda: self._evaluate.lower(state, key, data).compile(), self.signals
+            )
+        return sharding.to_host(self._evaluators[split](state, key, data))
+
+
+def _loop(run, state, start, ckpt, log, clock, lead) -> Any:
+    """Rounds ``start + 1 .. num_rounds``: calls, records, evaluations, checkpoints."""
+    config, put = run.config, run.put
+    train_data, val_data = put(run.setup.train_data), put(run.setup.val_data)
+    progress = runlog.Progress(config.algorithm, start, config.num_rounds, enabled=lead)
+    rounds, last_saved = start, (start if ckpt.steps() else None)
+    scalar_metrics = ("loss", "update_norm", "clients_finished")
+
+    def save(state: Any) -> None:
+        nonlocal last_saved
         meta = {
             "round": rounds,
             "seed": config.seed,
             "sampling": f"round r uses fold_in(k_rounds, r); next round {rounds}",
-            "fingerprint": fingerprint,
-            "wall_s": elapsed(),
+            "fingerprint": run.fingerprint,
+            "wall_s": clock(),
         }
-        manager.save(
-            rounds,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(bundle), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        ckpt.save(rounds, run.bundle(state), meta)
+        last_saved = rounds
 
-    log = _Log(os.path.join(workdir, "metrics.jsonl"), start, enabled=lead)
-    rounds_fn = scan_rounds(alg.update, 1 if debug else config.rounds_per_call)
-    if debug:
-        run_rounds, evaluate = rounds_fn, alg.evaluate
-    else:
-        run_rounds = sharding.jit_round(rounds_fn, mesh)
-        rep = sharding.replicated(mesh)
-        evaluate = jax.jit(alg.evaluate, in_shardings=(rep, rep, rep), out_shardings=rep)
-    no_jit = lambda: jax.disable_jit() if debug else contextlib.nullcontext()
-    scalar_metrics = ("loss", "update_norm", "clients_finished")
-    t0 = time.time()
-    elapsed = lambda: wall_before + time.time() - t0  # cumulative over resumes
-    rounds = start
-    last_saved = start if start else None
-    try:
-        with _Signals() as signals, no_jit():
-            while rounds < config.num_rounds:
-                calls = config.rounds_per_call if debug else 1
-                metrics_list = []
-                for _ in range(calls):  # debug: one round per call, stop at a failure
-                    state, m = run_rounds(state, k_rounds_dev, train_data)
-                    metrics_list.append(sharding.to_host(m))
-                    if _first_failure(metrics_list[-1]) is not None:
-                        break  # a rejected round returns the state it was given
-                metrics = {k: np.concatenate([m[k] for m in metrics_list]) for k in metrics_list[0]}
-                n_done = len(metrics["finite"])
+    no_jit = jax.disable_jit() if run.debug else contextlib.nullcontext()
+    with _Signals() as signals, no_jit:
+        calls = _Rounds(run, signals)
+        try:
+            while rounds < config.num_rounds and signals.received is None:
+                n = _call_rounds(rounds, config)
+                state, metrics = calls(state, n, train_data)
                 bad = _first_failure(metrics)
-                good = n_done if bad is None else bad
-                wall = elapsed()
+                good = len(metrics["finite"]) if bad is None else bad
+                wall = clock()
                 records = [
-                    {
-                        "round": rounds + i + 1,
-                        "split": "train",
-                        **{k: float(metrics[k][i]) for k in scalar_metrics},
-                        "wall_s": wall,
-                    }
+                    _record(rounds + i + 1, "train",
+                            {k: metrics[k][i] for k in scalar_metrics}, wall)
                     for i in range(good)
-                ]
+                ]  # fmt: skip
                 if bad is not None:
                     log.write(records)
                     failed = rounds + bad + 1
-                    message, clients = _failure_message(failed, metrics, bad, last_saved, ckpt_dir)
-                    raise NonFiniteRoundError(
-                        message,
-                        failed,
-                        clients,
-                        state,
-                        jax.random.fold_in(k_rounds, failed - 1),
+                    message, clients = _failure_message(
+                        failed, metrics, bad, last_saved, ckpt.directory
                     )
-                rounds += config.rounds_per_call
+                    key = jax.random.fold_in(run.k_rounds, failed - 1)
+                    raise NonFiniteRoundError(message, failed, clients, state, key)
+                rounds += n
                 if rounds % config.eval_every == 0 or rounds == config.num_rounds:
-                    val = sharding.to_host(
-                        evaluate(state, put(jax.random.fold_in(k_eval, rounds)), val_data)
-                    )
+                    key = jax.random.fold_in(run.k_eval, rounds)
+                    val = calls.evaluate(state, key, val_data, "val")
                     records.append(
-                        {
-                            "round": rounds,
-                            "split": "val",
-                            **{k: float(np.mean(v)) for k, v in val.items()},
-                            "wall_s": elapsed(),
-                        }
+                        _record(rounds, "val", {k: np.mean(v) for k, v in val.items()}, clock())
                     )
                 log.write(records)
                 last = records[-1]
-                metric = setup.target_metric if setup.target_metric in last else "loss"
-                log.progress(
-                    f"{config.algorithm} round {rounds}/{config.num_rounds} "
-                    f"{(rounds - start) / max(time.time() - t0, 1e-9):.1f} rounds/s "
-                    f"{last['split']} {metric}={last[metric]:.4f}"
-                )
-                if (
-                    rounds % config.checkpoint_every == 0
-                    or rounds == config.num_rounds
-                    or signals.received is not None
-                ):
-                    save(rounds)
-                    last_saved = rounds
-                if signals.received is not None:
-                    manager.wait_until_finished()
-                    log.progress(
-                        f"signal {signals.received}: checkpoint of round {rounds} written; "
-                        "re-run the same command to resume"
-                    )
-                    if signals.received == signal.SIGINT:
-                        raise KeyboardInterrupt
-                    raise SystemExit(128 + signals.received)
-            manager.wait_until_finished()
-    finally:
-        log.close()
-        manager.close()
+                metric = run.setup.target_metric if run.setup.target_metric in last else "loss"
+                progress.update(rounds, f"{last['split']} {metric}={last[metric]:.4f}")
+                if rounds % config.checkpoint_every == 0 or rounds == config.num_rounds:
+                    save(state)
+        except _Interrupted:
+            pass  # a signal during a compilation: the state of `rounds` is intact
+        finally:
+            progress.close()
+        if signals.received is not None:
+            _stop(signals.received, rounds, last_saved, lambda: save(state), ckpt, progress)
+    return state
 
-    with no_jit():
-        test = sharding.to_host(
-            evaluate(state, put(jax.random.fold_in(k_eval, 2**31 - 1)), test_data)
-        )
+
+def _stop(signum, rounds, last_saved, save, ckpt, progress) -> None:
+    """Write a checkpoint of ``rounds`` (unless there is one), say so, and exit."""
+    if rounds and rounds != last_saved:
+        save()
+    ckpt.wait()
+    if rounds:
+        what = f"checkpoint of round {rounds} written"
+    else:
+        what = "stopped before round 1 finished: nothing to save"
+    progress.message(f"signal {signum}: {what}; re-run the same command to resume")
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def _finish(run, state, workdir, log, clock, lead) -> dict[str, Any]:
+    """The final evaluation on the test clients; the 'test' record and ``summary.json``."""
+    config = run.config
+    no_jit = jax.disable_jit() if run.debug else contextlib.nullcontext()
+    with _Signals() as signals, no_jit:
+        calls = _Rounds(run, signals)
+        key = jax.random.fold_in(run.k_eval, 2**31 - 1)
+        try:
+            test = calls.evaluate(state, key, run.put(run.setup.test_data), "test")
+        except _Interrupted:
+            raise SystemExit(128 + signals.received) from None
     final_round = int(jax.device_get(state.round))
     # What one client exchanges per round: the meta-parameters down and the update up (Meta-SGD:
     # parameters and learned rates); the round's total is that times the clients per round.
@@ -777,8 +929,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "algorithm": config.algorithm,
         "task": config.task,
         "rounds": final_round,
-        "wall_s": elapsed(),
-        "wall_s_this_process": time.time() - t0,
+        "wall_s": clock(),
+        "wall_s_this_process": clock.this_process(),
         "model_bytes": model_bytes,
         "bytes_per_round": bytes_per_round,
         "bytes_communicated": bytes_per_round * final_round,
@@ -786,12 +938,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "test": _summary(test),
     }
     if lead:
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            record = {"round": final_round, "split": "test"}
-            record.update({k: float(np.mean(v)) for k, v in test.items()})
-            f.write(json.dumps({**record, "wall_s": summary["wall_s"]}) + "\n")
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        means = {k: np.mean(v) for k, v in test.items()}
+        log.write([_record(final_round, "test", means, summary["wall_s"])])
+        runlog.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 
