@@ -60,7 +60,7 @@ STATIC = [  # (field overrides, the message); all raised by validate_config, bef
     (dict(support_size=0), "config.support_size=0 is invalid: must be an int >= 1"),
     (dict(hidden=(4, 0)), "config.hidden=(4, 0) is invalid: must be a tuple of layer widths"),
     (dict(server_optimizer="rmsprop"), "config.server_optimizer='rmsprop' is invalid: must be"),
-    (dict(dropout_prob=1.5), "config.dropout_prob=1.5 is invalid: must be a float in [0, 1]"),
+    (dict(dropout_prob=1.5), "config.dropout_prob=1.5 is invalid: must be a float in [0, 1)"),
     (dict(straggler_prob=0.5), "config.straggler_prob=0.5 is invalid: must be 0 when local_st"),
     (dict(task_map="pmap"), "config.task_map='pmap' is not one of"),
     (dict(fine_tune=True), "config.fine_tune=True is invalid: must be False unless config.alg"),

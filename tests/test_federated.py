@@ -279,7 +279,7 @@ def test_more_evaluation_steps_keep_metasgd_learned_rates(x64):
             dict(clients_per_round=0),
             "RoundConfig.clients_per_round=0 is invalid: must be an int >= 1",
         ),
-        (dict(local_lr=-1.0), "RoundConfig.local_lr=-1.0 is invalid: must be > 0"),
+        (dict(local_lr=-1.0), "RoundConfig.local_lr=-1.0 is invalid: must be a finite number > 0"),
         (dict(inner_steps=0), "inner_steps=0 is invalid: must be an int >= 1"),
         (dict(task_map="pmap"), "task_map='pmap' is not one of"),
         (dict(client_map="chunked"), "client_map='chunked' needs a chunk size >= 1"),

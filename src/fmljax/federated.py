@@ -82,11 +82,14 @@ K support and Q query examples per task.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fmljax.mapping import map_over, validate_map_mode
@@ -155,7 +158,8 @@ class RoundConfig:
         are about 25x slower, which ``conv4(impl='auto')`` avoids on CPU.
       remat: rematerialise inner steps (second-order memory flat in ``inner_steps``).
       fd_delta: finite-difference step of Per-FedAvg-HF.
-      dropout_prob: probability in [0, 1] that a sampled client drops out of a round.
+      dropout_prob: probability in [0, 1) that a sampled client drops out of a round (1.0 is
+        refused: no client would ever train).
       straggler_prob: probability in [0, 1] that a client that did not drop finishes only
         ``U{1, ..., S - 1}`` local steps (needs ``local_steps >= 2``).
     """
@@ -179,7 +183,12 @@ class RoundConfig:
     straggler_prob: float = 0.0
 
     def validate(self, algorithm: str = "") -> None:
-        """Raise ValueError naming the field, its value and the allowed range."""
+        """Raise ValueError naming the field, its value and the allowed range.
+
+        Every field's type is checked before its value is compared, so a string or None
+        gets the same message as an out-of-range number. NumPy integers are accepted where
+        an int is (bools are not), NumPy floats where a float is.
+        """
         where = f"{algorithm}: " if algorithm else ""
 
         def need(cond: bool, field: str, allowed: str) -> None:
@@ -189,57 +198,87 @@ class RoundConfig:
                     f"must be {allowed}"
                 )
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(
-            is_int(self.clients_per_round) and self.clients_per_round >= 1,
-            "clients_per_round",
-            "an int >= 1",
-        )
-        need(
-            is_int(self.tasks_per_client) and self.tasks_per_client >= 1,
-            "tasks_per_client",
-            "an int >= 1",
-        )
-        need(is_int(self.local_steps) and self.local_steps >= 1, "local_steps", "an int >= 1")
-        need(is_int(self.inner_steps) and self.inner_steps >= 0, "inner_steps", "an int >= 0")
+        for field, least in (
+            ("clients_per_round", 1),
+            ("tasks_per_client", 1),
+            ("local_steps", 1),
+            ("inner_steps", 0),
+            ("eval_tasks_per_client", 1),
+        ):
+            v = getattr(self, field)
+            need(_is_int(v) and v >= least, field, f"an int >= {least}")
         need(
             self.eval_inner_steps is None
-            or (is_int(self.eval_inner_steps) and self.eval_inner_steps >= 0),
+            or (_is_int(self.eval_inner_steps) and self.eval_inner_steps >= 0),
             "eval_inner_steps",
             "None or an int >= 0",
         )
         more = self.eval_more_steps
         need(
             isinstance(more, tuple | list)
-            and all(is_int(k) and k >= 1 for k in more)
+            and all(_is_int(k) and k >= 1 for k in more)
             and len(set(more)) == len(more),
             "eval_more_steps",
             "a tuple of distinct ints >= 1",
         )
-        need(
-            is_int(self.eval_tasks_per_client) and self.eval_tasks_per_client >= 1,
-            "eval_tasks_per_client",
-            "an int >= 1",
-        )
-        need(float(self.local_lr) > 0, "local_lr", "> 0")
-        need(float(self.inner_lr) > 0, "inner_lr", "> 0")
-        need(float(self.fd_delta) > 0, "fd_delta", "> 0")
-        for field in ("dropout_prob", "straggler_prob"):
+        for field in ("local_lr", "inner_lr", "fd_delta"):
             v = getattr(self, field)
-            need(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
-                field,
-                "a float in [0, 1]",
-            )
+            need(_is_finite_real(v) and v > 0, field, "a finite number > 0")
+        v = self.dropout_prob
+        need(
+            _is_real(v) and 0.0 <= v < 1.0,
+            "dropout_prob",
+            "a float in [0, 1) (at 1.0 every sampled client would drop out of every round "
+            "and no client would ever train)",
+        )
+        v = self.straggler_prob
+        need(_is_real(v) and 0.0 <= v <= 1.0, "straggler_prob", "a float in [0, 1]")
         need(
             self.straggler_prob == 0 or self.local_steps >= 2,
             "straggler_prob",
             f"0 when local_steps={self.local_steps} (a straggler finishes 1 .. S - 1 steps)",
         )
+        need(isinstance(self.remat, bool | np.bool_), "remat", "True or False")
+        for field in ("client_chunk", "task_chunk"):
+            v = getattr(self, field)
+            need(v is None or (_is_int(v) and v >= 1), field, "None or an int >= 1")
         validate_map_mode(f"{where}RoundConfig.client_map", self.client_map, self.client_chunk)
         validate_map_mode(f"{where}RoundConfig.task_map", self.task_map, self.task_chunk)
+
+    def _normalized(self) -> RoundConfig:
+        """The same config with NumPy scalars as Python ints / floats / bools (call after
+        :meth:`validate`): NumPy scalars are not weakly typed and would change dtypes."""
+        ints = ("clients_per_round", "tasks_per_client", "local_steps", "inner_steps")
+        ints += ("eval_tasks_per_client",)
+        out: dict[str, Any] = {f: int(getattr(self, f)) for f in ints}
+        out |= {f: float(getattr(self, f)) for f in _FLOAT_FIELDS}
+        for f in ("eval_inner_steps", "client_chunk", "task_chunk"):
+            v = getattr(self, f)
+            out[f] = None if v is None else int(v)
+        out["eval_more_steps"] = tuple(int(k) for k in self.eval_more_steps)
+        out["remat"] = bool(self.remat)
+        return dataclasses.replace(self, **out)
+
+
+_FLOAT_FIELDS = ("local_lr", "inner_lr", "fd_delta", "dropout_prob", "straggler_prob")
+
+
+def _is_int(v: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    """A Python or NumPy int or float, not a bool."""
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _is_finite_real(v: Any) -> bool:
+    """A Python or NumPy int or float that is finite as a float (not nan, not +-inf)."""
+    try:
+        return _is_real(v) and math.isfinite(float(v))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 class ServerState(NamedTuple):
@@ -318,6 +357,39 @@ def _num_clients(data: Any) -> int:
     return int(leaves[0].shape[0])
 
 
+def _check_build_args(
+    name: Any,
+    loss_fn: Any,
+    sample_task: Any,
+    config: Any,
+    server_optimizer: Any,
+    metrics_fn: Any,
+) -> None:
+    """The arguments of :func:`build` other than the config's fields, before anything runs."""
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        close = difflib.get_close_matches(name, ALGORITHMS, n=1) if isinstance(name, str) else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"algorithm={name!r} is not one of {tuple(ALGORITHMS)}{hint}")
+    for arg, value in (("loss_fn", loss_fn), ("sample_task", sample_task)):
+        if not callable(value):
+            raise ValueError(f"{name}: {arg}={value!r} is invalid: must be callable")
+    if metrics_fn is not None and not callable(metrics_fn):
+        raise ValueError(f"{name}: metrics_fn={metrics_fn!r} is invalid: must be None or callable")
+    if not isinstance(config, RoundConfig):
+        raise ValueError(
+            f"{name}: config={config!r} is invalid: must be a fmljax.RoundConfig "
+            "(e.g. fmljax.RoundConfig(clients_per_round=10))"
+        )
+    if server_optimizer is not None and not (
+        callable(getattr(server_optimizer, "init", None))
+        and callable(getattr(server_optimizer, "update", None))
+    ):
+        raise ValueError(
+            f"{name}: server_optimizer={server_optimizer!r} is invalid: must be None or an "
+            "optax.GradientTransformation (e.g. optax.sgd(0.1))"
+        )
+
+
 def build(
     name: str,
     loss_fn: LossFn,
@@ -344,28 +416,41 @@ def build(
         with masked clients and constrain their layout (see :mod:`fmljax.sharding`); needs
         ``client_map='vmap'`` when the multiple is above 1.
     """
-    if name not in ALGORITHMS:
-        raise ValueError(f"algorithm={name!r} is not one of {tuple(ALGORITHMS)}")
+    _check_build_args(name, loss_fn, sample_task, config, server_optimizer, metrics_fn)
     config.validate(name)
     rule, method = ALGORITHMS[name]
-    if rule == "meta" and config.inner_steps < 1:
+    if rule in ("meta", "reptile") and config.inner_steps < 1:
         raise ValueError(
             f"{name}: RoundConfig.inner_steps={config.inner_steps} is invalid: must be an int "
             ">= 1 for a meta-learning algorithm"
         )
+    if not isinstance(fine_tune, bool | np.bool_):
+        raise ValueError(f"{name}: fine_tune={fine_tune!r} is invalid: must be True or False")
     if fine_tune and name != "fedavg":
         raise ValueError(f"{name}: fine_tune=True is only for 'fedavg' (the others adapt)")
     if client_sharding is not None:
+        if not isinstance(client_sharding, ClientSharding):
+            raise ValueError(
+                f"{name}: client_sharding={client_sharding!r} is invalid: must be None or a "
+                "ClientSharding (made by fmljax.sharding.client_sharding)"
+            )
         mult = client_sharding.multiple
-        if not (isinstance(mult, int) and not isinstance(mult, bool) and mult >= 1):
+        if not (_is_int(mult) and mult >= 1):
             raise ValueError(
                 f"{name}: client_sharding.multiple={mult!r} is invalid: must be an int >= 1"
+            )
+        if not callable(client_sharding.constrain):
+            raise ValueError(
+                f"{name}: client_sharding.constrain={client_sharding.constrain!r} is invalid: "
+                "must be callable"
             )
         if mult > 1 and config.client_map != "vmap":
             raise ValueError(
                 f"{name}: RoundConfig.client_map={config.client_map!r} is invalid with clients "
                 f"sharded over {mult} devices: must be 'vmap' (each device maps its own clients)"
             )
+        client_sharding = client_sharding._replace(multiple=int(mult))
+    config = config._normalized()
     pad_multiple = 1 if client_sharding is None else client_sharding.multiple
     constrain = (lambda t: t) if client_sharding is None else client_sharding.constrain
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer

@@ -21,11 +21,13 @@ inner step (``jax.checkpoint``) so second-order memory stays flat in the step co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fmljax.losses import masked_mean
@@ -83,7 +85,7 @@ def adapt(
       params: the starting point theta_0.
       support: the batch the inner loop trains on.
       inner_lr: a scalar or a PyTree shaped like ``params`` (per-parameter rates).
-      inner_steps: number of steps (a Python int, >= 0).
+      inner_steps: number of steps (a Python or NumPy int, >= 0).
       remat: rematerialise each step in the backward pass (``jax.checkpoint``).
       return_trajectory: also return the stacked iterates theta_0..theta_{S-1} (leading axis
         ``inner_steps``), used by the Hessian-free backward pass.
@@ -91,6 +93,8 @@ def adapt(
     Returns:
       theta_S, or ``(theta_S, trajectory)``.
     """
+    inner_steps = _check_steps("adapt", inner_steps)
+    inner_lr = _check_rate("adapt", "inner_lr", inner_lr)
     grad_fn = jax.grad(loss_fn)
 
     def step(p, _):
@@ -115,16 +119,64 @@ def _fd_hvp(loss_fn: LossFn, params: Params, batch: Batch, vector: Params, delta
     return jax.tree.map(lambda a, b: (a - b) / (2.0 * delta), plus, minus)
 
 
-def _validate(method: str, inner_steps: Any, fd_delta: float, hessian_batch: Any) -> None:
-    if method not in METHODS:
-        raise ValueError(f"meta_gradient: method={method!r} is not one of {METHODS}")
-    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
+def _is_int(v: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_scalar(v: Any) -> bool:
+    """A concrete Python or NumPy number (bools included, to be refused): not an array, not a
+    tracer, not a PyTree of rates."""
+    return isinstance(v, int | float | np.integer | np.floating | np.bool_)
+
+
+def _is_finite_positive(v: Any) -> bool:
+    """A concrete scalar ``v`` (see :func:`_is_scalar`) is a finite number > 0, not a bool."""
+    if isinstance(v, bool | np.bool_):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_rate(where: str, name: str, value: Any) -> Any:
+    """A concrete scalar rate must be a finite number > 0 and is returned as a Python float
+    (NumPy scalars are not weakly typed and would change the parameters' dtype); tracers and
+    PyTrees pass unchecked (their values are not known here), but every leaf must be a
+    number or an array."""
+    if _is_scalar(value):
+        if not _is_finite_positive(value):
+            raise ValueError(f"{where}: {name}={value!r} is invalid: must be a finite number > 0")
+        return float(value)
+    leaves = jax.tree.leaves(value)
+    if not leaves or not all(_is_scalar(x) or hasattr(x, "dtype") for x in leaves):
         raise ValueError(
-            f"meta_gradient: inner_steps={inner_steps!r} must be a Python int >= 0 "
+            f"{where}: {name}={value!r} is invalid: must be a finite number > 0 or a PyTree of "
+            "per-parameter rates shaped like params"
+        )
+    return value
+
+
+def _check_steps(where: str, inner_steps: Any) -> int:
+    if not _is_int(inner_steps) or inner_steps < 0:
+        raise ValueError(
+            f"{where}: inner_steps={inner_steps!r} must be a Python int >= 0 "
             "(it fixes the length of the compiled inner loop)"
         )
-    if method == "hf-fd" and not fd_delta > 0:
-        raise ValueError(f"meta_gradient: fd_delta={fd_delta!r} must be > 0")
+    return int(inner_steps)
+
+
+def _validate(method: str, inner_steps: Any, fd_delta: float, hessian_batch: Any) -> None:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"meta_gradient: method={method!r} is not one of {METHODS}")
+    _check_steps("meta_gradient", inner_steps)
+    if method == "hf-fd" and not (
+        _is_finite_positive(fd_delta) if _is_scalar(fd_delta) else hasattr(fd_delta, "dtype")
+    ):
+        raise ValueError(
+            f"meta_gradient: fd_delta={fd_delta!r} must be > 0 and finite (a finite number > 0)"
+        )
     if hessian_batch is not None and method not in ("hf", "hf-fd"):
         raise ValueError(
             f"meta_gradient: hessian_batch is only used by methods 'hf' and 'hf-fd', "
@@ -175,7 +227,7 @@ def meta_gradient(
       support: the batch the inner loop adapts on (one task, no task axis).
       query: the batch the adapted parameters are scored on.
       inner_lr: scalar or per-parameter PyTree (a PyTree is required for ``"meta-sgd"``).
-      inner_steps: number of inner SGD steps S (a Python int).
+      inner_steps: number of inner SGD steps S (a Python or NumPy int, >= 0).
       method: one of :data:`METHODS`.
       hessian_batch: batch for the Hessian-vector products of ``"hf"`` / ``"hf-fd"``
         (Per-FedAvg's independent batch D''); default: the support batch.
@@ -187,7 +239,10 @@ def meta_gradient(
       (a PyTree like ``params``, or a pair for ``"meta-sgd"``).
     """
     _validate(method, inner_steps, fd_delta, hessian_batch)
-    kw = dict(inner_steps=inner_steps, remat=remat)
+    inner_lr = _check_rate("meta_gradient", "inner_lr", inner_lr)
+    if _is_scalar(fd_delta):
+        fd_delta = float(fd_delta)
+    kw = dict(inner_steps=int(inner_steps), remat=remat)
 
     if method == "maml":
 

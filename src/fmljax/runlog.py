@@ -179,6 +179,26 @@ def checksum(tree: Any) -> str:
     return h.hexdigest()
 
 
+def _drop_closed_loop_noise() -> None:
+    """Keep one line per damaged checkpoint: when orbax's restore fails, tensorstore still
+    completes the other reads of that restore and their callbacks find orbax's event loop
+    closed; each would print a 6-line ``RuntimeError('Event loop is closed')`` traceback
+    through ``sys.unraisablehook``. Only that exact error is dropped, everything else goes
+    to the hook that was installed before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fmljax", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._fmljax = True
+    sys.unraisablehook = hook
+
+
 class _Refused(Exception):
     def __init__(self, error: Exception):
         super().__init__(str(error))
@@ -261,6 +281,7 @@ class Checkpointer:
         """The newest checkpoint that verifies, as ``(step, state, meta)``; None if none.
 
         ``check(step, meta)`` may refuse a checkpoint (its error is raised as it is)."""
+        _drop_closed_loop_noise()
         for step in reversed(self.steps()):
             try:
                 target = abstract() if callable(abstract) else abstract

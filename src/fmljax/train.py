@@ -415,6 +415,87 @@ def validate_setup(config: ml_collections.ConfigDict, setup: TaskSetup) -> None:
                 f"task {config.task!r}: the loss on a {name} batch has shape {out.shape}, "
                 "must be a scalar"
             )
+    _check_labels(config, setup, params, support)
+    _check_memory(config, params)
+
+
+def _label_arrays(data: Any, where: str) -> list[tuple[str, np.ndarray]]:
+    """``(path, labels of real examples)`` of every integer ``'y'`` in ``data``."""
+    out = []
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, Mapping):
+            y = node.get("y")
+            if y is not None and jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+                y = np.asarray(y)
+                mask = node.get("mask")
+                real = y if mask is None else y[np.asarray(mask) > 0]
+                out.append((f"{path}['y']", real))
+            for k, v in node.items():
+                if k not in ("x", "y", "mask"):
+                    visit(v, f"{path}[{k!r}]")
+
+    visit(data, where)
+    return out
+
+
+def _check_labels(config: ml_collections.ConfigDict, setup: TaskSetup, params, batch) -> None:
+    """Integer labels of every split within the model's classes (out-of-range labels would
+    give NaN or silently wrong losses, and accuracies that look plausible)."""
+    if not isinstance(batch, Mapping) or "x" not in batch or "y" not in batch:
+        return
+    if not jnp.issubdtype(batch["y"].dtype, jnp.integer):
+        return
+    try:
+        logits = jax.eval_shape(setup.model.apply, params, batch["x"])
+    except Exception:  # a model that needs more than (params, x): the loss was checked
+        return
+    classes = int(logits.shape[-1])
+    for split in ("train_data", "val_data", "test_data"):
+        for path, y in _label_arrays(getattr(setup, split), split):
+            if y.size and (y.min() < 0 or y.max() >= classes):
+                bad = y[(y < 0) | (y >= classes)]
+                raise ValueError(
+                    f"task {config.task!r}: {path} has labels {sorted(set(bad.tolist()))[:5]} "
+                    f"outside the model's classes: must be in [0, {classes - 1}] (the model "
+                    f"has {classes} outputs)"
+                )
+
+
+def _available_bytes() -> tuple[int | None, str]:
+    device = jax.devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, ""
+
+
+def _check_memory(config: ml_collections.ConfigDict, params: Any) -> None:
+    """A lower bound of a round's memory against the device's: the meta-parameters once,
+    and an adapted copy and a gradient per task the round runs at the same time."""
+    p_bytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+    rc = round_config(config)
+    together = (rc.clients_per_round if rc.client_map == "vmap" else 1) * (
+        rc.tasks_per_client if rc.task_map == "vmap" else 1
+    )
+    need = p_bytes * (1 + 2 * together)
+    have, what = _available_bytes()
+    if have is not None and need > have:
+        gib = lambda b: f"{b / 2**30:.1f} GiB"
+        raise ValueError(
+            f"config: the model does not fit in memory: its parameters take {gib(p_bytes)}, "
+            f"and a round of {together} task(s) at once (clients_per_round="
+            f"{rc.clients_per_round}, client_map={rc.client_map!r}, tasks_per_client="
+            f"{rc.tasks_per_client}, task_map={rc.task_map!r}) needs at least {gib(need)}, "
+            f"more than {what} ({gib(have)}); use a smaller model, fewer clients or tasks "
+            "per round, or client_map / task_map = 'map'"
+        )
 
 
 def confidence_interval(values: np.ndarray) -> tuple[float, float]:
@@ -672,9 +753,9 @@ def _restore(run: _Run, ckpt: runlog.Checkpointer) -> tuple[int, Any, float]:
             diff = [d for d in diff if d.startswith("state")]
         if diff:
             raise ValueError(
-                f"{where} was written by a different config and is refused; what differs:\n  "
-                + "\n  ".join(diff)
-                + "\nUse a new workdir for this config (or restore the old config to resume)."
+                f"{where} was written by a different config and is refused; what differs: "
+                + "; ".join(diff)
+                + "; use a new workdir for this config (or restore the old config to resume)"
             )
         if config.num_rounds < step and not config.get("init_from", None):
             raise ValueError(
@@ -718,10 +799,16 @@ def _finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict |
     except (OSError, ValueError):
         return None
     same = lambda c: {k: v for k, v in c.items() if k not in LOOP_FIELDS}
-    current = json.loads(config.to_json())
+    current = json.loads(_config_json(config))
     if same(saved) != same(current) or summary.get("rounds") != config.num_rounds:
         return None
     return summary
+
+
+def _config_json(config: ml_collections.ConfigDict, **kw: Any) -> str:
+    """``config`` as JSON; NumPy scalars (a sweep over ``np.arange``) as Python numbers."""
+    plain = lambda v: v.item() if isinstance(v, np.generic) else repr(v)
+    return json.dumps(config.to_dict(), default=plain, **kw)
 
 
 def _record(rounds: int, split: str, values: Mapping[str, Any], wall: float) -> dict:
@@ -758,7 +845,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         start, state, wall_before = _restore(run, ckpt)
         if lead:
-            runlog.atomic_write(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+            runlog.atomic_write(
+                os.path.join(workdir, "config.json"), _config_json(config, indent=2)
+            )
         log = runlog.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, enabled=lead)
         try:
             clock = _Clock(wall_before)
@@ -789,8 +878,8 @@ class _Rounds:
     """The compiled calls: one program per call length (usually one), each compiled in a
     worker thread (:func:`_in_thread`); ``debug_nojit`` runs the rounds one by one."""
 
-    def __init__(self, run: _Run, signals: _Signals):
-        self.run, self.signals, self._compiled = run, signals, {}
+    def __init__(self, run: _Run, signals: _Signals, say: Callable[[str], None] = print):
+        self.run, self.signals, self._compiled, self.say = run, signals, {}, say
         rep = None if run.debug else sharding.replicated(run.mesh)
         self._evaluate = (
             run.alg.evaluate
@@ -811,6 +900,7 @@ class _Rounds:
                     break  # a rejected round returns the state it was given
             return state, {k: np.concatenate([m[k] for m in metrics]) for k in metrics[0]}
         if n not in self._compiled:
+            self.say(f"{run.config.algorithm}: compiling a call of {n} round(s)")
             jitted = sharding.jit_round(scan_rounds(run.alg.update, n), run.mesh)
             self._compiled[n] = _in_thread(
                 lambda: jitted.lower(state, key, data).compile(), self.signals
@@ -851,7 +941,7 @@ def _loop(run, state, start, ckpt, log, clock, lead) -> Any:
 
     no_jit = jax.disable_jit() if run.debug else contextlib.nullcontext()
     with _Signals() as signals, no_jit:
-        calls = _Rounds(run, signals)
+        calls = _Rounds(run, signals, progress.message)
         try:
             while rounds < config.num_rounds and signals.received is None:
                 n = _call_rounds(rounds, config)
@@ -914,7 +1004,7 @@ def _finish(run, state, workdir, log, clock, lead) -> dict[str, Any]:
     config = run.config
     no_jit = jax.disable_jit() if run.debug else contextlib.nullcontext()
     with _Signals() as signals, no_jit:
-        calls = _Rounds(run, signals)
+        calls = _Rounds(run, signals, lambda text: None)
         key = jax.random.fold_in(run.k_eval, 2**31 - 1)
         try:
             test = calls.evaluate(state, key, run.put(run.setup.test_data), "test")
@@ -958,7 +1048,12 @@ def algorithm_config(config: ml_collections.ConfigDict, name: str) -> ml_collect
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     """Run every algorithm of ``config.algorithm`` (comma-separated); return their summaries."""
-    names = [n.strip() for n in str(config.algorithm).split(",") if n.strip()]
+    names = [n.strip() for n in str(config.get("algorithm", "")).split(",") if n.strip()]
+    if not names:
+        raise ValueError(
+            f"config.algorithm={config.get('algorithm')!r} is invalid: must be one (or a "
+            f"comma-separated list) of {tuple(ALGORITHMS)}"
+        )
     configs = {n: algorithm_config(config, n) for n in names}
     for c in configs.values():  # every run's config is checked before anything compiles
         validate_config(c)
