@@ -400,6 +400,7 @@ def test_numpy_scalars_are_accepted_and_normalised(x64):
     new, _ = alg.update(alg.init(PARAMS), key, data)
     want, _ = ref.update(ref.init(PARAMS), key, data)
     assert jax.tree.leaves(new.params)[0].dtype == jnp.float32
+    # The NumPy scalars are normalised to Python ones: the same program, so the same bits.
     np.testing.assert_array_equal(flat(new.params), flat(want.params))
 
 
@@ -448,7 +449,7 @@ def test_numpy_rate_steps_and_rate_trees_are_accepted(x64):
         LOSS, PARAMS, SUPPORT, QUERY, inner_lr=np.float64(0.1), inner_steps=np.int64(2), method="hf"
     )
     assert jax.tree.leaves(npy[1])[0].dtype == jnp.float32  # not promoted by the NumPy rate
-    np.testing.assert_array_equal(flat(npy[1]), flat(py[1]))
+    np.testing.assert_array_equal(flat(npy[1]), flat(py[1]))  # the same program: same bits
     rates = jax.tree.map(lambda p: jnp.full_like(p, 0.1), PARAMS)
     loss, (g_params, g_lr) = meta_gradient(
         LOSS, PARAMS, SUPPORT, QUERY, inner_lr=rates, inner_steps=1, method="meta-sgd"

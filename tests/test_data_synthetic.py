@@ -78,6 +78,7 @@ def test_counts_labels_and_covariance():
     assert gen.num_samples.min() >= 50
     for x, y, w, b, n in zip(gen.x, gen.y, gen.W, gen.b, gen.num_samples, strict=True):
         assert x.shape == (n, 60) and y.shape == (n,)
+        # The generator's own expression on the same arrays: exact by construction.
         np.testing.assert_array_equal(y, np.argmax(x @ w + b, axis=1))
     assert set(np.concatenate(gen.y).tolist()) == set(range(10))
     # x ~ N(v_k, diag(j^-1.2)): per-coordinate variance of the largest device

@@ -23,11 +23,15 @@ Checkpoints and resume
     A checkpoint holds the server state (parameters, optimiser state, round counter), the
     rounds' random key and, as JSON, the config fingerprint and the round (which is the
     data-sampling position: round ``r`` uses the key ``fold_in(k_rounds, r)``, so the clients
-    and tasks a round sees are a pure function of (seed, round)). Orbax writes each one into a
-    temporary directory and renames it when complete, so a process killed while writing
-    leaves no checkpoint that looks whole (the partial directory is deleted on the next
-    start). Re-running the same command on the same ``workdir`` resumes from the last
-    checkpoint and ends with bit-identical parameters to an uninterrupted run (same devices).
+    and tasks a round sees are a pure function of (seed, round)) and a SHA-256 of its arrays
+    (:func:`fmljax.runlog.checksum`). Orbax writes each one into a temporary directory and
+    renames it when complete, so a process killed while writing leaves no checkpoint that
+    looks whole (the partial directory is deleted on the next start). Re-running the same
+    command on the same ``workdir`` resumes from the newest checkpoint that verifies (a
+    damaged one is named in one line and moved to ``checkpoints_damaged/``) and ends with
+    bit-identical parameters to an uninterrupted run (same devices). ``rounds_per_call`` may
+    differ between runs: a call is cut short to end on the next evaluation round,
+    checkpoint round or ``num_rounds`` (one more compile per distinct call length).
     A checkpoint written by a different config (other algorithm, model shapes, rates, seed,
     ...) is refused with the list of fields that differ; fields that only steer the loop
     (:data:`LOOP_FIELDS`) may change between runs, and with ``config.init_from`` (a warm
@@ -56,7 +60,9 @@ Configuration
     :func:`validate_config` checks every field the loop reads before any data is built or
     any program compiled; :func:`validate_setup` checks the config against the task's data
     (client counts, model and data shapes, with ``jax.eval_shape``: nothing is compiled).
-    Each error names the field, its value and what is allowed.
+    Each error names the field, its value and what is allowed. A field that no part of the
+    run reads is refused (with "did you mean"); a task of one's own declares its fields with
+    ``register_task(name, fields=(...))``.
 """
 
 from __future__ import annotations
