@@ -74,8 +74,9 @@ def test_imaml_equals_differentiating_a_converged_inner_loop(x64):
     """On an MLP, the gradient of the query loss at the minimiser of the proximal problem,
     computed by differentiating 400 plain gradient steps on it (theta enters as the start and
     in the regulariser), equals iMAML's implicit gradient: the loop has converged (gradient
-    of the proximal problem < 1e-12) and 40 CG steps solve the 25-parameter system. Tolerance 1e-8: the
-    unrolled derivative converges at the loop's contraction rate, like the iterate."""
+    of the proximal problem < 1e-12) and 40 CG steps solve the 19-parameter system. Tolerance
+    1e-8: the unrolled derivative converges at the loop's contraction rate, like the
+    iterate."""
     loss, params, support, query = _mlp_problem()
     lam, lr, steps = 4.0, 0.1, 400
 
