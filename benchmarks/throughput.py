@@ -102,6 +102,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import platform
 import statistics
@@ -217,15 +218,30 @@ def load_user_model(spec: str) -> UserModel:
     Raises:
       ModelError: one line naming ``--model`` and what is allowed.
     """
+    try:
+        return _load_user_model(spec)
+    except ModelError as e:
+        if "allowed:" in str(e):
+            raise
+        raise ModelError(f"{e}; {_MODEL_ALLOWED}") from e
+
+
+def _load_user_model(spec: str) -> UserModel:
     if ":" not in spec:
         raise ModelError(f"--model={spec!r} is not a built-in model; {_MODEL_ALLOWED}")
     module = _import_provider(spec)
     fn_name = spec.rpartition(":")[2]
     fn = getattr(module, fn_name, None) if fn_name.isidentifier() else None
     if not callable(fn):
-        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        have = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v)
+            and not k.startswith("_")
+            and getattr(v, "__module__", None) == module.__name__
+        )
         raise ModelError(
-            f"--model={spec!r}: {module.__name__!r} has no function {fn_name!r} "
+            f"--model={spec!r}: {spec.rpartition(':')[0]!r} has no function {fn_name!r} "
             f"(its functions: {', '.join(have) or 'none'}); {_MODEL_ALLOWED}"
         )
     try:
@@ -263,10 +279,10 @@ def load_user_model(spec: str) -> UserModel:
         if not callable(getattr(user, field)):
             raise bad(field, f"{getattr(user, field)!r} is not callable")
     lr = user.inner_lr
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
         raise bad("inner_lr", f"{lr!r} is not a finite number > 0")
     mb = user.meta_batch
-    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+    if isinstance(mb, bool) or not isinstance(mb, numbers.Integral) or mb < 1:
         raise bad("meta_batch", f"{mb!r} is not an int >= 1")
     if user.name is not None and not isinstance(user.name, str):
         raise bad("name", f"{user.name!r} is not a str or None")
@@ -277,18 +293,14 @@ def load_user_model(spec: str) -> UserModel:
     # shapes, traced only: model.init, sample_task on client 0, loss_fn on its support
     key = jax.random.key(0)
     client0 = jax.tree.map(lambda a: a[0], user.clients)
-    for what, call in (
-        ("model.init(key)", lambda: jax.eval_shape(user.model.init, key)),
-        ("sample_task(key, clients[0])", lambda: jax.eval_shape(user.sample_task, key, client0)),
-    ):
-        try:
-            out = call()
-        except Exception as e:
-            raise bad(what.split("(")[0], f"{what} raised {_one_line(e)}") from e
-        if what.startswith("model"):
-            params = out
-        else:
-            task = out
+    try:
+        params = jax.eval_shape(user.model.init, key)
+    except Exception as e:
+        raise bad("model", f"model.init(key) raised {_one_line(e)}") from e
+    try:
+        task = jax.eval_shape(user.sample_task, key, client0)
+    except Exception as e:
+        raise bad("sample_task", f"sample_task(key, clients[0]) raised {_one_line(e)}") from e
     if not (isinstance(task, tuple | list) and len(task) == 2):
         raise bad(
             "sample_task",
@@ -301,7 +313,7 @@ def load_user_model(spec: str) -> UserModel:
         raise bad("loss_fn", f"loss_fn(params, support) raised {_one_line(e)}") from e
     if getattr(loss, "shape", None) != ():
         raise bad("loss_fn", f"loss_fn(params, support) is not a scalar: {loss}")
-    return user._replace(inner_lr=float(lr))
+    return user._replace(inner_lr=float(lr), meta_batch=int(mb))
 
 
 def _shapes(tree: Any) -> dict[str, list[int]]:
