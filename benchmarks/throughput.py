@@ -838,9 +838,9 @@ def _check_user_model(args) -> None:
         if args.workload == "meta-step":
             given = f"--model={args.model!r}" if args.model else "no --model"
             _usage_error(
-                f"{given}: --workload=meta-step needs a user's model, "
-                "--model=PKG.MODULE:FUNCTION or path/to/file.py:FUNCTION (the built-in models "
-                f"run as the workloads {', '.join(META_WORKLOADS)} and fed-round)"
+                f"{given}: --workload=meta-step needs a user's model (the built-in ones run "
+                f"as {', '.join(META_WORKLOADS)} and fed-round); allowed: "
+                "--model=PKG.MODULE:FUNCTION or --model=path/to/file.py:FUNCTION"
             )
         if args.model is not None and args.workload in META_WORKLOADS:
             own = _workload_spec(args)["model"]
@@ -852,8 +852,9 @@ def _check_user_model(args) -> None:
         return
     if args.workload not in USER_WORKLOADS:
         _usage_error(
-            f"--model={args.model!r}: a user's model runs with --workload=meta-step or "
-            f"fed-round, not {args.workload} (a built-in model's workload)"
+            f"--model={args.model!r}: a user's model does not run as --workload="
+            f"{args.workload} (a built-in model's workload); allowed: --workload=meta-step or "
+            "--workload=fed-round"
         )
     for flag, value in (
         ("--conv-impl", args.conv_impl),
@@ -861,7 +862,10 @@ def _check_user_model(args) -> None:
         ("--pytorch", args.pytorch or None),
     ):
         if value is not None:
-            _usage_error(f"{flag} is for the built-in conv4 only, not --model={args.model!r}")
+            _usage_error(
+                f"{flag} is for the built-in conv4 only, not --model={args.model!r}; allowed: "
+                f"no {flag} with a user's model"
+            )
     c = _num_leading(args.user.clients)
     if args.workload == "fed-round" and args.clients > c:
         _usage_error(
