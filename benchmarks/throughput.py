@@ -6,6 +6,10 @@
         --steps-per-call=10 --baseline --json
     python benchmarks/throughput.py --workload=fed-round --model=conv4 --method=fedmeta-maml \
         --inner-steps=1 --clients=32 --baseline --json
+    python benchmarks/throughput.py --workload=meta-step \
+        --model=benchmarks/models_example.py:small_cnn --method=maml --baseline --json
+    python benchmarks/throughput.py --workload=fed-round --model=benchmarks.models_example:small_cnn \
+        --method=fedmeta-maml --clients=32 --baseline --json
 
 Workloads (all built from the library's own ``fmljax.conv4`` / ``fmljax.mlp`` /
 ``fmljax.meta_gradient`` / ``fmljax.build``; nothing is reimplemented here):
@@ -17,8 +21,36 @@ Workloads (all built from the library's own ``fmljax.conv4`` / ``fmljax.mlp`` /
 * ``omniglot-5w1s-pool``: the same with stride 1 and 2x2 max-pool after each block.
 * ``omniglot-20w1s``: 20-way 1-shot, 20 support + 300 query, meta-batch 16 (MAML's setting).
 * ``fed-round``: one federated round (``--clients`` M clients x 5 local meta-steps x 4 tasks),
-  ``--model=mlp`` (sinusoid clients) or ``--model=conv4`` (5-way 1-shot episodes of random
-  images per client).
+  ``--model=mlp`` (sinusoid clients), ``--model=conv4`` (5-way 1-shot episodes of random
+  images per client) or a user's model (``--model=PKG.MODULE:FUNCTION``, below).
+* ``meta-step``: the meta-step of a user's model (``--model=PKG.MODULE:FUNCTION``, required):
+  its meta-batch (``--meta-batch``, default the provider's ``meta_batch``) of tasks drawn by
+  its ``sample_task``, task ``i`` from client ``i mod C`` of its ``clients``.
+
+A user's model, ``--model=PKG.MODULE:FUNCTION`` or ``--model=path/to/file.py:FUNCTION``
+(``PKG.MODULE`` is imported from ``sys.path``, the current directory first as with
+``python -m``; a file path is loaded as a module): ``FUNCTION()`` is called with no arguments
+(bind any options in a small wrapper function) and returns a :class:`UserModel` or a dict with
+its keys:
+
+* ``model``: ``init(key) -> params`` and ``apply(params, x)`` (e.g. ``fmljax.Model``; a
+  flax.linen module wrapped by hand: ``init = lambda k: module.init(k, x0)['params']``,
+  ``apply = lambda p, x, mask=None: module.apply({'params': p}, x)``);
+* ``loss_fn``: ``loss_fn(params, batch) -> scalar`` (e.g. ``fmljax.cross_entropy_loss(apply)``);
+* ``sample_task``: ``sample_task(key, client) -> (support, query)``, pure and jittable, on ONE
+  client's slice of ``clients`` (e.g. ``fmljax.data.episode_task_sampler(...)``);
+* ``clients``: a PyTree of arrays with a leading client axis C (``fed-round`` needs C >=
+  ``--clients``; an optional ``'num_examples'`` [C] weighs the average);
+* optional ``inner_lr`` (default 0.1), ``meta_batch`` (tasks per meta-step, default 32) and
+  ``name`` (free text, reported as ``model_name``).
+
+``benchmarks/models_example.py`` is an example (a flax.linen CNN, ``small_cnn``). The
+provider is called, its shapes checked with ``jax.eval_shape`` (``model.init``,
+``sample_task`` on client 0, ``loss_fn``) and its values validated before anything compiles;
+a bad ``--model`` (module or file not found, no such function, a wrong return value) is one
+line on stderr naming ``--model`` and what is allowed, exit code 2. A user's model runs with
+``--workload=meta-step`` or ``fed-round`` only (the other workloads are built-in models), and
+not with ``--conv-impl`` / ``--baseline-conv-impl`` / ``--pytorch`` (Conv4 only).
 
 Methods: every ``fmljax.METHODS`` entry (meta-step workloads) and every ``fmljax.ALGORITHMS``
 name (``fed-round``).
@@ -49,7 +81,12 @@ PyTorch per-task loop of ``benchmarks/torch_reference.py`` on the same batches, 
 too (needs ``pip install torch==2.13.0``; torch is not an fmljax dependency).
 
 Output: one JSON line per measured implementation (``--json``; otherwise a short text line),
-the one-jit line carrying ``speedup_vs_<baseline>`` ratios of the medians. Timing: the
+the one-jit line carrying ``speedup_vs_<baseline>`` ratios of the medians. Every field is what
+ran: ``model`` is ``mlp``, ``conv4`` or the ``--model`` string of a user's model (whose
+``name`` is ``model_name``, else null); ``conv_impl`` is null unless a Conv4 ran;
+``param_count`` and ``param_shapes`` (``{"path/to/leaf": [shape]}``) are those of
+``model.init`` (Meta-SGD's learned rates, as many again, are not counted); ``task_shapes``
+the shapes of one task's support and query; ``inner_lr`` the inner rate. Timing: the
 program is compiled with ``jax.jit(f).lower(...).compile()`` (``compile_s``, apart from the
 first call), ``--warmup`` untimed calls, then ``--steps`` timed calls with
 ``jax.block_until_ready``; per-meta-step times (``step_ms_*``) are per call divided by
@@ -64,13 +101,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,12 +119,225 @@ import fmljax
 from fmljax.mapping import map_over
 
 META_WORKLOADS = ("sinusoid", "omniglot-5w1s", "omniglot-5w1s-pool", "omniglot-20w1s")
-WORKLOADS = META_WORKLOADS + ("fed-round",)
+WORKLOADS = META_WORKLOADS + ("meta-step", "fed-round")
+BUILTIN_MODELS = ("mlp", "conv4")
+USER_WORKLOADS = ("meta-step", "fed-round")
+
+
+# ------------------------------------------------------------------------------------ user models
+class UserModel(NamedTuple):
+    """What ``--model=PKG.MODULE:FUNCTION`` returns (a dict with these keys will do).
+
+    ``model``: ``init(key) -> params`` / ``apply(params, x)``; ``loss_fn(params, batch) ->
+    scalar``; ``sample_task(key, client) -> (support, query)`` on one client of ``clients``
+    (a PyTree with a leading client axis C); ``inner_lr``, ``meta_batch`` (tasks per
+    ``meta-step``) and ``name`` (reported as ``model_name``) are optional.
+    """
+
+    model: Any
+    loss_fn: Callable[..., Any]
+    sample_task: Callable[..., Any]
+    clients: Any
+    inner_lr: float = 0.1
+    meta_batch: int = 32
+    name: str | None = None
+
+
+_REQUIRED = tuple(f for f in UserModel._fields if f not in UserModel._field_defaults)
+_MODEL_ALLOWED = (
+    "allowed: mlp, conv4, PKG.MODULE:FUNCTION or path/to/file.py:FUNCTION, FUNCTION() returning "
+    f"a dict or NamedTuple with {', '.join(_REQUIRED)} "
+    f"(optional: {', '.join(UserModel._field_defaults)})"
+)
+
+
+class ModelError(ValueError):
+    """A bad ``--model``: the message is one line naming ``--model`` and what is allowed."""
+
+
+def _import_provider(spec: str):
+    """The module of ``PKG.MODULE`` (``sys.path``, the current directory first) or a file."""
+    import importlib
+    import importlib.util
+
+    where = spec.rpartition(":")[0]
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        if not os.path.isfile(where):
+            raise ModelError(f"--model={spec!r}: no such file {where!r}; {_MODEL_ALLOWED}")
+        name = "_throughput_user_" + os.path.splitext(os.path.basename(where))[0]
+        module_spec = importlib.util.spec_from_file_location(name, where)
+        if module_spec is None or module_spec.loader is None:
+            raise ModelError(f"--model={spec!r}: {where!r} is not a Python file; {_MODEL_ALLOWED}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses (flax modules) look their module up
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ModelError(
+                f"--model={spec!r}: importing {where!r} raised {type(e).__name__}: {e}"
+            ) from e
+        return module
+    if not where or not all(part.isidentifier() for part in where.split(".")):
+        raise ModelError(f"--model={spec!r}: {where!r} is not a module name; {_MODEL_ALLOWED}")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        raise ModelError(
+            f"--model={spec!r}: cannot import module {where!r} ({e}); {_MODEL_ALLOWED}"
+        ) from e
+    except Exception as e:
+        raise ModelError(
+            f"--model={spec!r}: importing {where!r} raised {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _num_leading(tree: Any) -> int:
+    leaves = jax.tree.leaves(tree)
+    sizes = {getattr(a, "shape", ())[:1] for a in leaves}
+    if not leaves or any(len(s) != 1 for s in sizes) or len(sizes) != 1:
+        got = sorted({tuple(getattr(a, "shape", ())) for a in leaves})[:4]
+        raise ValueError(f"must be a PyTree of arrays with one leading client axis; got {got}")
+    return sizes.pop()[0]
+
+
+def load_user_model(spec: str) -> UserModel:
+    """Resolve ``--model=PKG.MODULE:FUNCTION`` (or ``path/file.py:FUNCTION``), call FUNCTION()
+    and check what it returns (values and, by ``jax.eval_shape``, shapes; nothing compiles).
+
+    Raises:
+      ModelError: one line naming ``--model`` and what is allowed.
+    """
+    try:
+        return _load_user_model(spec)
+    except ModelError as e:
+        if "allowed:" in str(e):
+            raise
+        raise ModelError(f"{e}; {_MODEL_ALLOWED}") from e
+
+
+def _load_user_model(spec: str) -> UserModel:
+    if ":" not in spec:
+        raise ModelError(f"--model={spec!r} is not a built-in model; {_MODEL_ALLOWED}")
+    module = _import_provider(spec)
+    fn_name = spec.rpartition(":")[2]
+    fn = getattr(module, fn_name, None) if fn_name.isidentifier() else None
+    if not callable(fn):
+        have = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v)
+            and not k.startswith("_")
+            and getattr(v, "__module__", None) == module.__name__
+        )
+        raise ModelError(
+            f"--model={spec!r}: {spec.rpartition(':')[0]!r} has no function {fn_name!r} "
+            f"(its functions: {', '.join(have) or 'none'}); {_MODEL_ALLOWED}"
+        )
+    try:
+        got = fn()
+    except Exception as e:
+        raise ModelError(f"--model={spec!r}: {fn_name}() raised {_one_line(e)}") from e
+    if hasattr(got, "_asdict"):
+        got = got._asdict()
+    if not isinstance(got, dict):
+        raise ModelError(
+            f"--model={spec!r}: {fn_name}() returned a {type(got).__name__}; {_MODEL_ALLOWED}"
+        )
+    missing = [k for k in _REQUIRED if k not in got]
+    unknown = [k for k in got if k not in UserModel._fields]
+    if missing or unknown:
+        what = "; ".join(
+            x
+            for x in (
+                missing and f"missing {', '.join(missing)}",
+                unknown and f"unknown {', '.join(map(str, unknown))}",
+            )
+            if x
+        )
+        raise ModelError(f"--model={spec!r}: {fn_name}() returned {what}; {_MODEL_ALLOWED}")
+    user = UserModel(**got)
+
+    def bad(field: str, why: str) -> ModelError:
+        return ModelError(f"--model={spec!r}: {fn_name}() returned {field}: {why}")
+
+    if not (
+        callable(getattr(user.model, "init", None)) and callable(getattr(user.model, "apply", None))
+    ):
+        raise bad("model", f"{type(user.model).__name__} has no callable init and apply")
+    for field in ("loss_fn", "sample_task"):
+        if not callable(getattr(user, field)):
+            raise bad(field, f"{getattr(user, field)!r} is not callable")
+    lr = user.inner_lr
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise bad("inner_lr", f"{lr!r} is not a finite number > 0")
+    mb = user.meta_batch
+    if isinstance(mb, bool) or not isinstance(mb, numbers.Integral) or mb < 1:
+        raise bad("meta_batch", f"{mb!r} is not an int >= 1")
+    if user.name is not None and not isinstance(user.name, str):
+        raise bad("name", f"{user.name!r} is not a str or None")
+    try:
+        _num_leading(user.clients)
+    except ValueError as e:
+        raise bad("clients", str(e)) from e
+    # shapes, traced only: model.init, sample_task on client 0, loss_fn on its support
+    key = jax.random.key(0)
+    client0 = jax.tree.map(lambda a: a[0], user.clients)
+    try:
+        params = jax.eval_shape(user.model.init, key)
+    except Exception as e:
+        raise bad("model", f"model.init(key) raised {_one_line(e)}") from e
+    try:
+        task = jax.eval_shape(user.sample_task, key, client0)
+    except Exception as e:
+        raise bad("sample_task", f"sample_task(key, clients[0]) raised {_one_line(e)}") from e
+    if not (isinstance(task, tuple | list) and len(task) == 2):
+        raise bad(
+            "sample_task",
+            f"sample_task(key, clients[0]) returned {type(task).__name__}, "
+            "not a (support, query) pair",
+        )
+    try:
+        loss = jax.eval_shape(user.loss_fn, params, task[0])
+    except Exception as e:
+        raise bad("loss_fn", f"loss_fn(params, support) raised {_one_line(e)}") from e
+    if getattr(loss, "shape", None) != ():
+        raise bad("loss_fn", f"loss_fn(params, support) is not a scalar: {loss}")
+    return user._replace(inner_lr=float(lr), meta_batch=int(mb))
+
+
+def _shapes(tree: Any) -> dict[str, list[int]]:
+    """``{"path/to/leaf": [shape]}`` of a PyTree of arrays (or of ``ShapeDtypeStruct``-s)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k, simple=True, separator="/"): list(a.shape) for k, a in flat}
+
+
+def _ran(params, support, query, inner_lr) -> dict:
+    """The JSON fields that say what model and tasks ran (one task's support / query)."""
+    return dict(
+        param_count=int(sum(math.prod(a.shape) for a in jax.tree.leaves(params))),
+        param_shapes=_shapes(params),
+        task_shapes={"support": _shapes(support), "query": _shapes(query)},
+        inner_lr=inner_lr,
+    )
 
 
 # ------------------------------------------------------------------------------------ setup
 def _workload_spec(args) -> dict:
-    if args.workload == "sinusoid":
+    user = getattr(args, "user", None)
+    if args.workload == "meta-step" or user is not None:  # a user's model (checked in main)
+        spec = dict(model=args.model, user=user, tasks=user.meta_batch, inner_lr=user.inner_lr)
+    elif args.workload == "sinusoid":
         spec = dict(model="mlp", tasks=25, support=10, query=10, inner_lr=0.01)
     else:
         ways = 20 if args.workload == "omniglot-20w1s" else 5
@@ -104,6 +356,8 @@ def _workload_spec(args) -> dict:
 
 
 def _model_and_loss(spec: dict, conv_impl: str):
+    if spec.get("user") is not None:
+        return spec["user"].model, spec["user"].loss_fn
     if spec["model"] == "mlp":
         model = fmljax.mlp((1, 40, 40, 1))
         return model, fmljax.mse_loss(model.apply)
@@ -114,6 +368,15 @@ def _model_and_loss(spec: dict, conv_impl: str):
 def _meta_batches(spec: dict, n: int, key) -> tuple[dict, dict]:
     """``n`` meta-batches: support/query dicts with leading axes [n, T, ...]."""
     t = spec["tasks"]
+    if spec.get("user") is not None:  # task i of the n*t from client i mod C
+        user = spec["user"]
+        c = jax.tree.leaves(user.clients)[0].shape[0]
+        take = jax.vmap(
+            lambda k, i: user.sample_task(k, jax.tree.map(lambda a: a[i], user.clients))
+        )
+        s, q = take(jax.random.split(key, n * t), jnp.arange(n * t) % c)
+        shape = lambda tree: jax.tree.map(lambda a: a.reshape((n, t) + a.shape[1:]), tree)
+        return shape(s), shape(q)
     if spec["model"] == "mlp":
         keys = jax.random.split(key, n * t)
         s, q = jax.vmap(
@@ -217,8 +480,11 @@ def meta_contenders(args) -> tuple[list[Contender], int]:
     n = args.steps_per_call
     model, loss_fn = _model_and_loss(spec, args.conv_impl)
     opt = optax.adam(1e-3)
-    params = _meta_params(args, model.init(jax.random.key(0)), spec["inner_lr"])
+    model_params = model.init(jax.random.key(0))
+    params = _meta_params(args, model_params, spec["inner_lr"])
     support, query = _meta_batches(spec, n, jax.random.key(1))
+    task0 = lambda tree: jax.tree.map(lambda a: a[0, 0], tree)
+    args.ran = _ran(model_params, task0(support), task0(query), spec["inner_lr"])
     task_grad = _task_grad_fn(args, loss_fn, spec["inner_lr"])
 
     def meta_step(state, batch):
@@ -374,7 +640,11 @@ def _pytorch_contender(args, spec: dict, support, query) -> Contender:
 def fed_contenders(args) -> tuple[list[Contender], int]:
     algorithm = args.method
     n = args.steps_per_call
-    if args.model == "mlp":
+    user = getattr(args, "user", None)
+    if user is not None:
+        model, loss_fn, sampler, data = user.model, user.loss_fn, user.sample_task, user.clients
+        inner_lr, b_loss_fn = user.inner_lr, user.loss_fn
+    elif args.model == "mlp":
         model = fmljax.mlp((1, 40, 40, 1))
         loss_fn = fmljax.mse_loss(model.apply)
         data = fmljax.data.sample_sinusoid_clients(jax.random.key(1), args.clients)
@@ -406,6 +676,8 @@ def fed_contenders(args) -> tuple[list[Contender], int]:
     )
     alg = fmljax.build(algorithm, loss_fn, sampler, cfg, server_optimizer=optax.adam(1e-3))
     params = model.init(jax.random.key(0))
+    task = jax.eval_shape(sampler, jax.random.key(3), jax.tree.map(lambda a: a[0], data))
+    args.ran = _ran(params, *task, inner_lr)
     run = fmljax.scan_rounds(alg.update, n)
     state0 = alg.init(params)
     key = jax.random.key(2)
@@ -502,19 +774,32 @@ def parser() -> argparse.ArgumentParser:
         "--meta-batch", type=int, default=None, help="tasks per meta-step (default: the workload's)"
     )
     p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--model", choices=("mlp", "conv4"), default="mlp", help="fed-round only")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="{mlp,conv4,PKG.MODULE:FUNCTION,path/to/file.py:FUNCTION}",
+        help="fed-round: mlp (default), conv4 or a user's model; meta-step: a user's model "
+        "(required). A user's FUNCTION() returns a dict or NamedTuple with model, loss_fn, "
+        "sample_task, clients (optional: inner_lr, meta_batch, name), e.g. "
+        "--model=benchmarks/models_example.py:small_cnn (see the top of this help)",
+    )
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--tasks-per-client", type=int, default=4)
     p.add_argument("--task-map", choices=fmljax.mapping.MAP_MODES, default="vmap")
     p.add_argument("--task-chunk", type=int, default=None, help="chunk size of --task-map=chunked")
     p.add_argument("--client-map", choices=fmljax.mapping.MAP_MODES, default="vmap")
     p.add_argument("--client-chunk", type=int, default=None)
-    p.add_argument("--conv-impl", choices=fmljax.models.CONV_IMPLS, default="auto")
+    p.add_argument(
+        "--conv-impl",
+        choices=fmljax.models.CONV_IMPLS,
+        default=None,
+        help="Conv4's convolution (default auto; not with a user's --model)",
+    )
     p.add_argument(
         "--baseline-conv-impl",
         choices=fmljax.models.CONV_IMPLS,
         default=None,
-        help="conv of the loop baselines (default: lax per task; fed-round: --conv-impl)",
+        help="Conv4's conv of the loop baselines (default: lax per task; fed-round: --conv-impl)",
     )
     p.add_argument("--steps-per-call", type=int, default=1)
     p.add_argument("--remat", action="store_true")
@@ -533,6 +818,62 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _usage_error(message: str) -> None:
+    """One line on stderr and exit code 2 (argparse's code), before anything compiles."""
+    print(f"throughput.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _check_user_model(args) -> None:
+    """Resolve ``--model``: ``args.user`` is the :class:`UserModel` or None (built-in)."""
+    args.user = None
+    if args.model is None:  # fed-round: mlp; a meta workload: its own
+        args.model = "mlp" if args.workload == "fed-round" else None
+    if args.model is not None and args.model not in BUILTIN_MODELS:
+        try:
+            args.user = load_user_model(args.model)
+        except ModelError as e:
+            _usage_error(str(e))
+    if args.user is None:
+        if args.workload == "meta-step":
+            given = f"--model={args.model!r}" if args.model else "no --model"
+            _usage_error(
+                f"{given}: --workload=meta-step needs a user's model (the built-in ones run "
+                f"as {', '.join(META_WORKLOADS)} and fed-round); allowed: "
+                "--model=PKG.MODULE:FUNCTION or --model=path/to/file.py:FUNCTION"
+            )
+        if args.model is not None and args.workload in META_WORKLOADS:
+            own = _workload_spec(args)["model"]
+            if args.model != own:
+                _usage_error(
+                    f"--model={args.model!r}: --workload={args.workload} runs its own model, "
+                    f"{own}; allowed: --model={own} or no --model"
+                )
+        return
+    if args.workload not in USER_WORKLOADS:
+        _usage_error(
+            f"--model={args.model!r}: a user's model does not run as --workload="
+            f"{args.workload} (a built-in model's workload); allowed: --workload=meta-step or "
+            "--workload=fed-round"
+        )
+    for flag, value in (
+        ("--conv-impl", args.conv_impl),
+        ("--baseline-conv-impl", args.baseline_conv_impl),
+        ("--pytorch", args.pytorch or None),
+    ):
+        if value is not None:
+            _usage_error(
+                f"{flag} is for the built-in conv4 only, not --model={args.model!r}; allowed: "
+                f"no {flag} with a user's model"
+            )
+    c = _num_leading(args.user.clients)
+    if args.workload == "fed-round" and args.clients > c:
+        _usage_error(
+            f"--clients={args.clients}: --model={args.model!r} has {c} clients; allowed: "
+            f"--clients <= {c}"
+        )
+
+
 def main(argv=None) -> list[dict]:
     p = parser()
     args = p.parse_args(argv)
@@ -541,9 +882,11 @@ def main(argv=None) -> list[dict]:
     allowed = tuple(fmljax.ALGORITHMS) if fed else fmljax.METHODS
     if args.method not in allowed:
         p.error(f"--method={args.method!r}: for --workload={args.workload} one of {allowed}")
-    args.conv_impl = fmljax.models._resolve_conv_impl(args.conv_impl)  # record what ran
-    if args.baseline_conv_impl is None:  # fed-round's client update vmaps its own tasks
-        args.baseline_conv_impl = args.conv_impl if fed else "lax"
+    _check_user_model(args)
+    if args.user is None:  # record what ran
+        args.conv_impl = fmljax.models._resolve_conv_impl(args.conv_impl or "auto")
+        if args.baseline_conv_impl is None:  # fed-round's client update vmaps its own tasks
+            args.baseline_conv_impl = args.conv_impl if fed else "lax"
     if args.task_map == "chunked" and args.task_chunk is None:
         args.task_chunk = 8
     if args.client_map == "chunked" and args.client_chunk is None:
@@ -571,6 +914,8 @@ def main(argv=None) -> list[dict]:
     common = dict(
         workload=args.workload,
         model=(args.model if fed else _workload_spec(args)["model"]),
+        model_name=None if args.user is None else args.user.name,
+        **args.ran,
         method=args.method,
         inner_steps=args.inner_steps,
         clients=args.clients if fed else None,
