@@ -104,7 +104,7 @@ def _conv4_with(conv, num_classes, mode="strided"):
                 )
         return jnp.mean(h, axis=(1, 2)) @ params["head"]["w"] + params["head"]["b"]
 
-    return models.Model(base.init, apply)
+    return models.Model(base.init, models.mask_aware(apply))
 
 
 def _conv4_cnhw(num_classes, mode="strided"):
@@ -135,7 +135,7 @@ def _conv4_cnhw(num_classes, mode="strided"):
                 )
         return jnp.mean(h, axis=(2, 3)).T @ params["head"]["w"] + params["head"]["b"]
 
-    return models.Model(base.init, apply)
+    return models.Model(base.init, models.mask_aware(apply))
 
 
 VARIANTS = {

@@ -29,7 +29,16 @@ from fmljax.meta import (
     prototypical_loss,
     prototypical_metrics,
 )
-from fmljax.models import Model, conv4, logistic_regression, mlp
+from fmljax.models import (
+    Model,
+    conv4,
+    from_linen,
+    from_nnx,
+    logistic_regression,
+    mask_aware,
+    mlp,
+    takes_mask,
+)
 
 __version__ = "0.1.0"
 
@@ -52,9 +61,12 @@ __all__ = [
     "federated",
     "fedmeta",
     "fedreptile",
+    "from_linen",
+    "from_nnx",
     "logistic_regression",
     "losses",
     "mapping",
+    "mask_aware",
     "meta",
     "meta_gradient",
     "mlp",
@@ -67,4 +79,5 @@ __all__ = [
     "regression_metrics",
     "scan_rounds",
     "sharding",
+    "takes_mask",
 ]

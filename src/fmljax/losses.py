@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fmljax.models import takes_mask
+
 Batch = Mapping[str, jax.Array]
 Params = Any
-ApplyFn = Callable[..., jax.Array]  # apply(params, x[, mask=...]) -> outputs
+ApplyFn = Callable[..., jax.Array]  # apply(params, x) -> outputs (mask-aware: mask=...)
 LossFn = Callable[[Params, Batch], jax.Array]
 MetricsFn = Callable[[Params, Batch], dict[str, jax.Array]]
 
@@ -32,9 +34,14 @@ __all__ = [
 
 
 def predict(apply: ApplyFn, params: Params, batch: Batch) -> jax.Array:
-    """``apply(params, x)``, passing ``mask=`` when the batch is padded (batch-norm models)."""
+    """``apply(params, batch['x'])``; a :func:`fmljax.models.mask_aware` apply also gets the
+    batch's ``'mask'`` [B] (when it has one) as ``mask=``, to keep padding out of its batch
+    statistics. A plain apply never sees the mask: padded rows are dropped by the losses'
+    masked means."""
     mask = batch.get("mask")
-    return apply(params, batch["x"]) if mask is None else apply(params, batch["x"], mask=mask)
+    if mask is not None and takes_mask(apply):
+        return apply(params, batch["x"], mask=mask)
+    return apply(params, batch["x"])
 
 
 def masked_mean(values: jax.Array, batch: Batch) -> jax.Array:

@@ -7,14 +7,42 @@ framework state. Batch norm in :func:`conv4` follows the MAML reference code (Fi
 given and keeps no running averages, so a task's support and query batches are normalised
 separately ("transductive" batch norm).
 
+The model contract: ``apply(params, x)`` is all a model writes. Padding masks (``'mask'`` [B]
+of a padded batch, 1 = real example, 0 = padding) are the loss's business
+(:func:`fmljax.losses.predict`): per-example outputs of padding rows are simply left out of the
+masked mean. A model whose outputs depend on the other examples of its batch (batch norm on
+the batch's statistics) needs the mask to keep padding out of those statistics; it says so in
+one way, by marking its apply with :func:`mask_aware`, and then receives ``mask=`` ([B], or
+None for an unpadded batch). :func:`conv4` is mask-aware; :func:`mlp` and
+:func:`logistic_regression` are plain.
+
+Flax models: :func:`from_linen` and :func:`from_nnx` turn a ``flax.linen`` or ``flax.nnx``
+module into a :class:`Model` whose params are a plain PyTree of the module's trainable
+parameters (``'params'`` collection / ``nnx.Param`` variables).
+
+Batch norm inside inner loops. MAML-style inner loops call ``apply`` on a task's support and
+query batches with parameters that are themselves functions of the meta-parameters, inside
+``jax.grad`` of ``jax.grad`` and under ``vmap`` over tasks and clients. Every model here (the
+built-in :func:`conv4` and the Flax adapters alike) therefore runs batch norm in the MAML
+reference's *transductive* mode: each call normalises with the mean and variance of the batch
+it is given (over the real examples only, for a mask-aware model on a padded batch), in
+training mode. Running averages are never used and never kept: Flax's updated
+``batch_stats`` (linen ``mutable=['batch_stats']``; the mutated ``nnx.BatchStat`` variables)
+are discarded after each call, and the initial statistics, random-number state and any other
+non-``Param`` state are captured as constants. Only the trainable parameters are arguments of
+``apply``, so only they enter (meta-)gradients, optimiser states, Meta-SGD's per-parameter
+rates and the federated average; a ``Model`` is a pure function, with nothing mutated under a
+trace.
+
 Shapes: ``B`` is the example axis of one batch; images are ``[B, H, W, ch]`` (NHWC).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +58,12 @@ __all__ = [
     "batch_norm",
     "conv2d_same",
     "conv4",
+    "from_linen",
+    "from_nnx",
     "logistic_regression",
+    "mask_aware",
     "mlp",
+    "takes_mask",
 ]
 
 #: Convolution implementations of :func:`conv4` (``impl=``); see :func:`conv2d_same`.
@@ -39,10 +71,52 @@ CONV_IMPLS = ("auto", "lax", "im2col")
 
 
 class Model(NamedTuple):
-    """A pure model: ``init(key) -> params`` and ``apply(params, x) -> outputs``."""
+    """A pure model: ``init(key) -> params`` and ``apply(params, x) -> outputs``.
+
+    ``init`` returns the trainable parameters, a PyTree of arrays. ``apply(params, x)`` takes
+    one batch ``x`` [B, ...] and returns outputs [B, ...]; it must be a pure function of its
+    arguments (it is differentiated twice and ``vmap``-ed). A plain ``lambda p, x: ...`` is a
+    valid ``apply``; an apply that needs the padding mask is marked with :func:`mask_aware`
+    and is then called as ``apply(params, x, mask=mask)``.
+    """
 
     init: Callable[[PRNGKey], Params]
-    apply: Callable[..., jax.Array]  # apply(params, x, mask=None) -> outputs
+    apply: Callable[..., jax.Array]  # apply(params, x) -> outputs; mask-aware: mask=None too
+
+
+_MASK_AWARE = "__fmljax_mask_aware__"
+_F = TypeVar("_F", bound=Callable[..., jax.Array])
+
+
+def mask_aware(apply: _F) -> _F:
+    """Mark ``apply(params, x, mask=None)`` as taking the padding mask (a decorator).
+
+    The losses (:func:`fmljax.losses.predict`) pass ``mask=`` [B] (1 = real example, 0 =
+    padding) to a marked apply when a batch has a ``'mask'``, and call it without one
+    otherwise; an unmarked apply is always called as ``apply(params, x)``. Mark a model whose
+    outputs depend on the other examples of the batch (batch norm on the batch's statistics),
+    so that padding stays out of those statistics. Returns a wrapper with the same behaviour
+    (``functools.wraps``); :func:`takes_mask` is true of it.
+    """
+    if not callable(apply):
+        raise TypeError(f"mask_aware: apply={apply!r} is not callable")
+    if takes_mask(apply):
+        return apply
+
+    @functools.wraps(apply)
+    def marked(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return apply(params, x, mask=mask)
+
+    setattr(marked, _MASK_AWARE, True)
+    return marked  # type: ignore[return-value]
+
+
+def takes_mask(apply: Callable[..., Any]) -> bool:
+    """Whether ``apply`` was marked with :func:`mask_aware` (is called with ``mask=``)."""
+    return getattr(apply, _MASK_AWARE, False) is True
+
+
+_mark_mask_aware = mask_aware  # for the adapters, whose ``mask_aware`` argument shadows it
 
 
 def _dense_init(key: PRNGKey, fan_in: int, fan_out: int, dtype) -> dict[str, jax.Array]:
@@ -81,8 +155,7 @@ def mlp(
                 layers.append({"w": w, "b": jnp.zeros((fo,), dtype)})
         return {f"dense{i}": layer for i, layer in enumerate(layers)}
 
-    def apply(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        del mask  # examples are independent
+    def apply(params: Params, x: jax.Array) -> jax.Array:
         n = len(sizes) - 1
         h = x.reshape(x.shape[0], -1)
         for i in range(n):
@@ -109,8 +182,7 @@ def logistic_regression(num_features: int, num_classes: int, dtype=jnp.float32) 
             "b": jnp.zeros((num_classes,), dtype),
         }
 
-    def apply(params: Params, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        del mask  # examples are independent
+    def apply(params: Params, x: jax.Array) -> jax.Array:
         return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
 
     return Model(init, apply)
@@ -254,7 +326,8 @@ def conv4(
     kernel and bias uniform in +-1/sqrt(fan_in)).
 
     ``apply(params, x, mask=None)`` takes ``x`` [B, H, W, in_channels] and returns logits
-    [B, num_classes]; ``mask`` [B] keeps padded examples out of the batch-norm statistics.
+    [B, num_classes]; ``mask`` [B] keeps padded examples out of the batch-norm statistics
+    (``apply`` is :func:`mask_aware`).
 
     ``impl`` picks the convolution (see :func:`conv2d_same`): ``"lax"``
     (``lax.conv_general_dilated``), ``"im2col"`` (strided slices + matrix product), or
@@ -327,4 +400,160 @@ def conv4(
         h = jnp.mean(h, axis=(1, 2))
         return h @ params["head"]["w"] + params["head"]["b"]
 
-    return Model(init_fn, apply)
+    return Model(init_fn, mask_aware(apply))
+
+
+# --------------------------------------------------------------------------------------------
+# Flax adapters: a linen or nnx module as a pure Model (see "Batch norm inside inner loops").
+
+
+def _unwrap_params(params: Params, top_keys: frozenset) -> Params:
+    """The bare params tree of ``params`` given bare or as ``{'params': tree}``."""
+    if isinstance(params, Mapping) and set(params.keys()) == {"params"} and top_keys != {"params"}:
+        return params["params"]
+    return params
+
+
+def from_linen(
+    module: Any,
+    example_x: jax.Array,
+    *,
+    mask_aware: bool = False,
+    **apply_kwargs: Any,
+) -> Model:
+    """A ``flax.linen`` module as a :class:`Model` (trainable ``'params'`` only).
+
+    Args:
+      module: a ``flax.linen.Module``; ``module(x, **apply_kwargs)`` returns outputs [B, ...].
+      example_x: an input batch [B, ...] used to initialise the module (shapes only matter).
+      mask_aware: the module's ``__call__`` takes ``mask=`` (a [B] array, 1 = real example,
+        0 = padding, or None for an unpadded batch) and the returned apply is marked
+        :func:`mask_aware`. Linen's ``BatchNorm(...)(h, mask=...)`` wants a mask
+        broadcastable to ``h``: pass ``mask[:, None, None, None] > 0`` for ``h`` [B, H, W, ch]
+        (None keeps every example).
+      **apply_kwargs: further keyword arguments of every ``module`` call (init and apply),
+        e.g. ``train=True`` or ``deterministic=True`` for a module with dropout (a pure
+        ``apply(params, x)`` has no random key to draw dropout masks from).
+
+    Returns:
+      ``Model(init, apply)``: ``init(key)`` is ``module.init(key, example_x, ...)['params']``
+      (the bare tree); ``apply(params, x)`` (``params`` bare or as ``{'params': tree}``) is
+      ``module.apply({'params': params, **other}, x, ...)``, where ``other`` are the
+      module's other collections (``'batch_stats'``, ...) from one initialisation with key 0,
+      captured as constants. Batch norm should use the batch's own statistics
+      (``use_running_average=False``, the MAML reference's transductive mode): the
+      non-``'params'`` collections are passed ``mutable`` and their updated values (running
+      averages) are discarded, so nothing but ``params`` enters a (meta-)gradient.
+    """
+    from flax import linen as nn
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_linen: module={module!r} is not a flax.linen.Module")
+    example_x = jnp.asarray(example_x)
+    init_kw = dict(apply_kwargs)
+    if mask_aware:
+        init_kw["mask"] = jnp.ones(example_x.shape[:1], example_x.dtype)
+    variables = dict(module.init(jax.random.key(0), example_x, **init_kw))
+    if "params" not in variables:
+        raise ValueError("from_linen: the module has no 'params' collection (nothing to train)")
+    top_keys = frozenset(variables["params"].keys())
+    other = {k: v for k, v in variables.items() if k != "params"}
+    mutable = tuple(other)
+
+    def init(key: PRNGKey) -> Params:
+        return dict(module.init(key, example_x, **init_kw))["params"]
+
+    def call(params: Params, x: jax.Array, **kw: Any) -> jax.Array:
+        variables = {"params": _unwrap_params(params, top_keys), **other}
+        if not mutable:
+            return module.apply(variables, x, **apply_kwargs, **kw)
+        out, _ = module.apply(variables, x, mutable=mutable, **apply_kwargs, **kw)
+        return out  # the updated batch statistics are discarded
+
+    if mask_aware:
+
+        def apply_masked(params: Params, x: jax.Array, mask: jax.Array | None = None):
+            return call(params, x, mask=mask)
+
+        return Model(init, _mark_mask_aware(apply_masked))
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return call(params, x)
+
+    return Model(init, apply)
+
+
+def from_nnx(module: Any, *, mask_aware: bool = False) -> Model:
+    """A ``flax.nnx`` module as a :class:`Model` (the ``nnx.Param`` variables only).
+
+    Args:
+      module: an ``nnx.Module``, or a factory ``rngs -> Module`` (called with
+        ``nnx.Rngs(key)``); ``module(x)`` returns outputs [B, ...].
+      mask_aware: ``module(x, mask=mask)`` takes the padding mask ([B], 1 = real, or None);
+        the returned apply is marked :func:`mask_aware`. ``nnx.BatchNorm(h, mask=...)`` wants
+        a mask broadcastable to ``h``, e.g. ``mask[:, None, None, None] > 0``.
+
+    Returns:
+      ``Model(init, apply)``. ``init(key)`` returns the parameters as a plain nested dict of
+      arrays (``nnx.split(m, nnx.Param, ...)``'s state as a pure dict): of a fresh module
+      ``module(nnx.Rngs(key))`` for a factory, or the given module's current parameters (the
+      key is then unused). ``apply(params, x)`` (``params`` bare or as ``{'params': tree}``)
+      rebuilds the module inside the function (``nnx.merge`` of the graph definition, new
+      ``Param`` variables holding ``params`` and new copies of the non-``Param`` state) and
+      calls it with its batch norms on the batch's statistics (``use_running_average=False``:
+      training mode; other attributes such as dropout's ``deterministic`` stay as the module
+      has them). Nothing created outside a trace is mutated under it (no
+      ``TraceContextError`` under ``jax.grad`` of ``jax.grad`` or ``vmap``); the updated
+      batch statistics and random-number state are discarded, and the given module is never
+      changed. The non-``Param`` state is that of the given module (of ``module(nnx.Rngs(0))``
+      for a factory), captured as constants.
+    """
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        factory, template = None, module
+    elif callable(module):
+        factory, template = module, module(nnx.Rngs(0))
+        if not isinstance(template, nnx.Module):
+            raise TypeError(f"from_nnx: the factory returned {template!r}, not an nnx.Module")
+    else:
+        raise TypeError(f"from_nnx: module={module!r} is neither an nnx.Module nor a factory")
+    template = nnx.view(template, use_running_average=False, raise_if_not_found=False)
+    graphdef, param_state, rest_state = nnx.split(template, nnx.Param, ...)
+    param_def = jax.tree.structure(param_state)
+    rest_leaves, rest_def = jax.tree.flatten(rest_state)
+    pure = nnx.to_pure_dict(param_state)
+    pure_def = jax.tree.structure(pure)
+    top_keys = frozenset(pure.keys())
+
+    def init(key: PRNGKey) -> Params:
+        if factory is None:
+            del key  # a given module: its current parameters
+            return nnx.to_pure_dict(param_state)
+        _, state, _ = nnx.split(factory(nnx.Rngs(key)), nnx.Param, ...)
+        return nnx.to_pure_dict(state)
+
+    def call(params: Params, x: jax.Array, **kw: Any) -> jax.Array:
+        params = _unwrap_params(params, top_keys)
+        if jax.tree.structure(params) != pure_def:
+            raise ValueError(
+                "from_nnx: params do not have the module's parameter structure "
+                f"{pure_def}; got {jax.tree.structure(params)}"
+            )
+        # New variables, made inside the caller's trace: merging and running the module
+        # mutates only them (batch statistics, RNG counts), never state made outside it.
+        p_state = jax.tree.unflatten(param_def, jax.tree.leaves(params))
+        r_state = jax.tree.unflatten(rest_def, rest_leaves)
+        return nnx.merge(graphdef, p_state, r_state)(x, **kw)
+
+    if mask_aware:
+
+        def apply_masked(params: Params, x: jax.Array, mask: jax.Array | None = None):
+            return call(params, x, mask=mask)
+
+        return Model(init, _mark_mask_aware(apply_masked))
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return call(params, x)
+
+    return Model(init, apply)
