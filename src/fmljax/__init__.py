@@ -5,7 +5,7 @@ networks as pure functions of PyTrees (:mod:`fmljax.meta`), and FedAvg, FedMeta,
 FedReptile as one-jit rounds (:mod:`fmljax.federated`).
 """
 
-from fmljax import convs, data, federated, losses, mapping, meta, models, sharding
+from fmljax import convs, data, federated, losses, mapping, meta, models, samplers, sharding
 from fmljax.convs import batched_convs
 from fmljax.federated import (
     ALGORITHMS,
@@ -30,6 +30,7 @@ from fmljax.meta import (
     prototypical_metrics,
 )
 from fmljax.models import Model, conv4, logistic_regression, mlp
+from fmljax.samplers import SplitSampler, with_evaluation
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "Model",
     "RoundConfig",
     "ServerState",
+    "SplitSampler",
     "adapt",
     "batched_convs",
     "build",
@@ -65,6 +67,8 @@ __all__ = [
     "prototypical_loss",
     "prototypical_metrics",
     "regression_metrics",
+    "samplers",
     "scan_rounds",
     "sharding",
+    "with_evaluation",
 ]
