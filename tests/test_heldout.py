@@ -172,25 +172,6 @@ def test_fedavg_fine_tune_and_evaluation_steps_agree():
     train.validate_config(tiny_sinusoid_config(algorithm="fedavg", eval_inner_steps=0))
 
 
-@pytest.mark.parametrize(
-    "name, arg", [("sinusoid", None), ("sinusoid_maml", None), ("jiang", "identity,cpu"),
-                  ("jiang", "finetune,cpu"), ("federated", "synthetic,cpu"),
-                  ("federated", "digits,cpu"), ("federated", "omniglot,cpu"),
-                  ("omniglot_maml", None)],
-)  # fmt: skip
-def test_experiment_configs_validate(name, arg):
-    import fmljax.tasks  # noqa: F401
-
-    spec = importlib.util.spec_from_file_location(
-        f"cfg_{name}", f"{ROOT}/experiments/configs/{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config() if arg is None else module.get_config(arg)
-    for alg in str(config.algorithm).split(","):
-        train.validate_config(train.algorithm_config(config, alg.strip()))
-
-
 # ---- a user-registered task through experiments/main.py ----------------------------------------
 
 
