@@ -314,7 +314,10 @@ def episode_task_sampler(
     ``query_key`` (e.g. ``'test_images'`` of :func:`fmljax.data.omniglot.omniglot_clients`) the
     query comes from that array (the client's held-out examples of the same classes) and the
     support from ``images_key``: that is the personalised evaluation, whose query examples
-    never enter a support set or a training step. ``augmentation``: see :data:`AUGMENTATIONS`.
+    never enter a support set or a training step; such a sampler is its own evaluation
+    sampler (``sample_task.evaluation is sample_task``, see :mod:`fmljax.samplers`), so
+    :func:`fmljax.build` evaluates with it on data holding ``'test_images'``.
+    ``augmentation``: see :data:`AUGMENTATIONS`.
 
     ``data`` (optional): the whole dataset, one image set or federated (leading axis C), checked
     now on the host so that bad settings fail before anything compiles.
@@ -345,6 +348,8 @@ def episode_task_sampler(
             query_images=None if query_key is None else client_data[query_key],
         )
 
+    if query_key is not None:  # an evaluation sampler: query = held-out drawings
+        sample_task.evaluation = sample_task  # type: ignore[attr-defined]
     return sample_task
 
 
@@ -472,7 +477,10 @@ def client_batch_sampler(
 
 def full_client_task(key: jax.Array, client_data: Mapping[str, Any]) -> tuple[Batch, Batch]:
     """Personalised evaluation task: support = the client's whole (padded, masked) train set,
-    query = its whole test set. ``key`` is unused (kept for the sampler signature)."""
+    query = its whole test set. ``key`` is unused (kept for the sampler signature). An
+    evaluation sampler (``full_client_task.evaluation is full_client_task``): as
+    ``eval_sample_task`` of :func:`fmljax.build`, or as its ``sample_task`` for evaluation
+    only (a training round on it would train on the held-out examples)."""
     del key
     return dict(client_data["train"]), dict(client_data["test"])
 
