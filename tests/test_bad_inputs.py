@@ -63,7 +63,12 @@ def _wide_input(config: ml_collections.ConfigDict) -> train.TaskSetup:
 BASE = dict(num_rounds=12, rounds_per_call=4, eval_every=12, checkpoint_every=4)
 BASE["keep_checkpoints"] = 3
 LABELS = dict(
-    task="test-bad-labels", algorithm="fedavg", model="mlp", num_clients=6, max_examples=20
+    task="test-bad-labels",
+    algorithm="fedavg",
+    fine_tune=True,
+    model="mlp",
+    num_clients=6,
+    max_examples=20,
 )
 LABELS |= dict(batch_size=4, support_size=3, query_size=3)
 

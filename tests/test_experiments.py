@@ -161,8 +161,8 @@ def test_omniglot_validation_rounds_score_the_same_episode_on_test_drawings():
     config = _module("experiments/configs/federated.py", "federated").get_config("omniglot,test")
     setup = train.TASKS["omniglot"](config)
     client = jax.tree.map(lambda a: a[0], setup.val_data)
-    support, query = setup.sample_task(jax.random.key(3), client)
-    t_support, t_query = setup.sample_task(
+    support, query = setup.eval_sample_task(jax.random.key(3), client)
+    t_support, t_query = setup.eval_sample_task(
         jax.random.key(3), jax.tree.map(lambda a: a[0], setup.test_data)
     )
     np.testing.assert_array_equal(support["x"], t_support["x"])  # same classes and support

@@ -5,7 +5,7 @@ networks as pure functions of PyTrees (:mod:`fmljax.meta`), and FedAvg, FedMeta,
 FedReptile as one-jit rounds (:mod:`fmljax.federated`).
 """
 
-from fmljax import convs, data, federated, losses, mapping, meta, models, sharding
+from fmljax import convs, data, federated, losses, mapping, meta, models, samplers, sharding
 from fmljax.convs import batched_convs
 from fmljax.federated import (
     ALGORITHMS,
@@ -39,6 +39,7 @@ from fmljax.models import (
     mlp,
     takes_mask,
 )
+from fmljax.samplers import SplitSampler, with_evaluation
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "Model",
     "RoundConfig",
     "ServerState",
+    "SplitSampler",
     "adapt",
     "batched_convs",
     "build",
@@ -77,7 +79,9 @@ __all__ = [
     "prototypical_loss",
     "prototypical_metrics",
     "regression_metrics",
+    "samplers",
     "scan_rounds",
     "sharding",
     "takes_mask",
+    "with_evaluation",
 ]

@@ -94,6 +94,7 @@ import optax
 
 from fmljax.mapping import map_over, validate_map_mode
 from fmljax.meta import adapt, meta_gradient
+from fmljax.samplers import check_heldout_evaluation, evaluation_sampler
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -141,8 +142,9 @@ class RoundConfig:
       local_lr: the client's step size (Per-FedAvg's beta; FedMeta's beta with S = 1).
       inner_lr: the inner (adaptation) rate alpha; Meta-SGD's initial per-parameter rate.
       inner_steps: inner SGD steps of the meta-learners (>= 0; >= 1 for meta methods).
-      eval_inner_steps: adaptation steps at evaluation; None means ``inner_steps``
-        (0 for plain FedAvg, ``inner_steps`` for FedAvg + fine-tuning).
+      eval_inner_steps: adaptation steps at evaluation; None means ``inner_steps``.
+        FedAvg: plain FedAvg (``fine_tune=False``) does not adapt and refuses a value > 0;
+        FedAvg + fine-tuning (``fine_tune=True``) adapts with it (None: ``inner_steps``).
       eval_more_steps: further adaptation step counts reported at evaluation, each larger
         than the evaluation steps: ``evaluate`` keeps adapting with the same rule (Meta-SGD
         with its learned per-parameter rates) and adds ``<metric>_<k>steps`` for every ``k``.
@@ -292,7 +294,8 @@ class ServerState(NamedTuple):
 class FederatedAlgorithm(NamedTuple):
     """``init(params) -> state``; ``update(state, key, data) -> (state, metrics)``;
     ``evaluate(state, key, data) -> per-client metrics [C]``; ``personalize(meta_params,
-    support) -> params``."""
+    support) -> params``; ``eval_sample_task``: the sampler ``evaluate`` draws its (support,
+    query) tasks with (see ``build``'s ``eval_sample_task``)."""
 
     name: str
     config: RoundConfig
@@ -300,6 +303,7 @@ class FederatedAlgorithm(NamedTuple):
     update: Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]]
     evaluate: Callable[[ServerState, jax.Array, Any], dict[str, jax.Array]]
     personalize: Callable[[Params, Batch], Params]
+    eval_sample_task: TaskSampler | None = None  # the sampler ``evaluate`` uses
 
 
 class ClientSharding(NamedTuple):
@@ -357,6 +361,38 @@ def _num_clients(data: Any) -> int:
     return int(leaves[0].shape[0])
 
 
+def _check_fine_tune(fine_tune: bool, config: Any, prefix: str, ft_name: str, where: str) -> None:
+    """FedAvg's ``fine_tune`` and its evaluation steps must say the same thing.
+
+    ``config`` has ``eval_inner_steps``, ``inner_steps`` and ``eval_more_steps`` (a
+    RoundConfig); ``prefix`` / ``ft_name`` spell the fields as the caller knows them.
+    """
+    steps = config.eval_inner_steps
+    if not fine_tune:
+        if steps is not None and steps > 0:
+            raise ValueError(
+                f"{where}: {ft_name}=False with {prefix}eval_inner_steps={steps!r} is "
+                "contradictory: plain FedAvg does not adapt at evaluation; set "
+                "fine_tune=True for FedAvg + fine-tuning, or eval_inner_steps=0/None"
+            )
+        if tuple(config.eval_more_steps):
+            raise ValueError(
+                f"{where}: {ft_name}=False with {prefix}eval_more_steps="
+                f"{tuple(config.eval_more_steps)!r} is contradictory: plain FedAvg does not "
+                "adapt at evaluation; set fine_tune=True for FedAvg + fine-tuning, or "
+                "eval_more_steps=()"
+            )
+        return
+    resolved = config.inner_steps if steps is None else steps
+    if resolved < 1:
+        raise ValueError(
+            f"{where}: {ft_name}=True with {prefix}eval_inner_steps={steps!r} and "
+            f"{prefix}inner_steps={config.inner_steps!r} is contradictory: fine-tuning adapts "
+            "with eval_inner_steps (None: inner_steps) steps, which must be >= 1; set "
+            "eval_inner_steps >= 1, or fine_tune=False for plain FedAvg"
+        )
+
+
 def _check_build_args(
     name: Any,
     loss_fn: Any,
@@ -364,6 +400,7 @@ def _check_build_args(
     config: Any,
     server_optimizer: Any,
     metrics_fn: Any,
+    eval_sample_task: Any = None,
 ) -> None:
     """The arguments of :func:`build` other than the config's fields, before anything runs."""
     if not isinstance(name, str) or name not in ALGORITHMS:
@@ -373,6 +410,10 @@ def _check_build_args(
     for arg, value in (("loss_fn", loss_fn), ("sample_task", sample_task)):
         if not callable(value):
             raise ValueError(f"{name}: {arg}={value!r} is invalid: must be callable")
+    if eval_sample_task is not None and not callable(eval_sample_task):
+        raise ValueError(
+            f"{name}: eval_sample_task={eval_sample_task!r} is invalid: must be None or callable"
+        )
     if metrics_fn is not None and not callable(metrics_fn):
         raise ValueError(f"{name}: metrics_fn={metrics_fn!r} is invalid: must be None or callable")
     if not isinstance(config, RoundConfig):
@@ -400,23 +441,43 @@ def build(
     metrics_fn: MetricsFn | None = None,
     fine_tune: bool = False,
     client_sharding: ClientSharding | None = None,
+    eval_sample_task: TaskSampler | None = None,
 ) -> FederatedAlgorithm:
     """Build the federated algorithm ``name`` (a key of :data:`ALGORITHMS`).
+
+    Held-out evaluation by construction: ``evaluate`` draws its tasks with
+    ``eval_sample_task`` if given; else with ``sample_task.evaluation`` when ``sample_task``
+    is split-aware (:class:`fmljax.samplers.SplitSampler`, e.g.
+    :func:`fmljax.data.client_batch_sampler`: support from the client's ``'train'`` examples,
+    query = its held-out ``'test'`` examples); else with ``sample_task`` itself, and then
+    ``evaluate`` raises ValueError (at trace time, before compiling) on data that holds
+    held-out examples (a key of :data:`fmljax.samplers.HELDOUT_KEYS`, as ``federate`` data
+    does), since it would score training examples. ``eval_sample_task=sample_task`` asks for
+    exactly that (e.g. procedural tasks such as sinusoids, whose points are fresh draws).
 
     Args:
       name: algorithm name.
       loss_fn: ``loss_fn(params, batch) -> scalar`` of the model.
-      sample_task: ``sample_task(key, client_data) -> (support, query)``, pure and jittable.
+      sample_task: ``sample_task(key, client_data) -> (support, query)``, pure and jittable;
+        the training task of ``update``.
       config: the round's static configuration.
       server_optimizer: optax transformation applied to the averaged client delta; default
         ``optax.sgd(1.0)`` (FedAvg's model average).
       metrics_fn: ``metrics_fn(params, batch) -> dict`` used by ``evaluate``; default the loss.
-      fine_tune: FedAvg only: adapt at evaluation (FedAvg + fine-tuning).
+      fine_tune: FedAvg only: adapt at evaluation (FedAvg + fine-tuning) with
+        ``config.eval_inner_steps`` steps (None: ``config.inner_steps``; must come to >= 1).
+        Plain FedAvg (False) does not adapt: ``eval_inner_steps`` > 0 or ``eval_more_steps``
+        with ``fine_tune=False`` is refused (ValueError naming both fields).
       client_sharding: pad the sampled clients to a multiple of ``client_sharding.multiple``
         with masked clients and constrain their layout (see :mod:`fmljax.sharding`); needs
         ``client_map='vmap'`` when the multiple is above 1.
+      eval_sample_task: ``eval_sample_task(key, client_data) -> (support, query)``, the
+        evaluation task (support ``[K, ...]`` to adapt on, query ``[Q, ...]`` to score); see
+        above for None.
     """
-    _check_build_args(name, loss_fn, sample_task, config, server_optimizer, metrics_fn)
+    _check_build_args(
+        name, loss_fn, sample_task, config, server_optimizer, metrics_fn, eval_sample_task
+    )
     config.validate(name)
     rule, method = ALGORITHMS[name]
     if rule in ("meta", "reptile") and config.inner_steps < 1:
@@ -428,6 +489,8 @@ def build(
         raise ValueError(f"{name}: fine_tune={fine_tune!r} is invalid: must be True or False")
     if fine_tune and name != "fedavg":
         raise ValueError(f"{name}: fine_tune=True is only for 'fedavg' (the others adapt)")
+    if name == "fedavg":
+        _check_fine_tune(bool(fine_tune), config, "RoundConfig.", "fine_tune", name)
     if client_sharding is not None:
         if not isinstance(client_sharding, ClientSharding):
             raise ValueError(
@@ -457,12 +520,13 @@ def build(
     metrics_fn = metrics_fn or (lambda p, b: {"loss": loss_fn(p, b)})
     cfg = config
     is_metasgd = method == "meta-sgd"
-    if cfg.eval_inner_steps is not None:
+    if name == "fedavg" and not fine_tune:
+        eval_steps = 0  # plain FedAvg: the global model (eval_inner_steps is None or 0)
+    elif cfg.eval_inner_steps is not None:
         eval_steps = cfg.eval_inner_steps
-    elif name == "fedavg":
-        eval_steps = cfg.inner_steps if fine_tune else 0
     else:
         eval_steps = cfg.inner_steps
+    eval_task, guard_eval = evaluation_sampler(sample_task, eval_sample_task)
     more_steps = sorted(int(k) for k in cfg.eval_more_steps)
     if more_steps and more_steps[0] <= eval_steps:
         raise ValueError(
@@ -660,10 +724,15 @@ def build(
     def evaluate(state: ServerState, key: jax.Array, data: Any) -> dict[str, jax.Array]:
         """Per-client metrics [C] on query data after adapting on support data only.
 
-        Keys: each metric of ``metrics_fn`` after adaptation, with suffix ``_before`` at
-        the meta-model, and with suffix ``_<k>steps`` after ``k`` adaptation steps for every
-        ``k`` in ``eval_more_steps``. Averaged over ``eval_tasks_per_client`` tasks per client.
+        Tasks come from the evaluation sampler (``eval_sample_task``, see :func:`build`):
+        for ``federate`` data, support from each client's training examples and query = its
+        held-out examples. Keys: each metric of ``metrics_fn`` after adaptation, with suffix
+        ``_before`` at the meta-model, and with suffix ``_<k>steps`` after ``k`` adaptation
+        steps for every ``k`` in ``eval_more_steps``. Averaged over
+        ``eval_tasks_per_client`` tasks per client.
         """
+        if guard_eval:
+            check_heldout_evaluation(f"{name}: evaluate", sample_task, data)
         num_clients = _num_clients(data)
         keys = jax.random.split(key, num_clients)
         params0, lr = split_meta(state.params)
@@ -672,7 +741,7 @@ def build(
             ckey, client = args
 
             def one_task(tkey):
-                support, query = sample_task(tkey, client)
+                support, query = eval_task(tkey, client)
                 adapted = personalize(state.params, support)
                 after = metrics_fn(adapted, query)
                 before = metrics_fn(params0, query)
@@ -689,7 +758,7 @@ def build(
 
         return map_over(one_client, (keys, data), cfg.client_map, cfg.client_chunk)
 
-    return FederatedAlgorithm(name, cfg, init, update, evaluate, personalize)
+    return FederatedAlgorithm(name, cfg, init, update, evaluate, personalize, eval_task)
 
 
 def fedavg(
@@ -700,7 +769,9 @@ def fedavg(
     fine_tune: bool = False,
     **kw,
 ) -> FederatedAlgorithm:
-    """FedAvg (McMahan et al., 2017); ``fine_tune=True`` adapts at evaluation."""
+    """FedAvg (McMahan et al., 2017); ``fine_tune=True`` adapts at evaluation with
+    ``config.eval_inner_steps`` (None: ``config.inner_steps``) steps; without it, a config
+    with ``eval_inner_steps`` > 0 is refused (plain FedAvg scores the global model)."""
     return build("fedavg", loss_fn, sample_task, config, fine_tune=fine_tune, **kw)
 
 

@@ -47,6 +47,10 @@ Evaluation tasks
     test "clients" of ``'sinusoid-maml'`` are 600 fixed sinusoids and those of episodic
     ``'omniglot'`` are ``num_eval_tasks`` task ids, each drawing one episode from the held-out
     characters (a device constant of the evaluation program): 600 test tasks, one each.
+    Every task gives its evaluation sampler as ``TaskSetup.eval_sample_task`` (the rounds
+    use ``sample_task`` on the training clients only): the labelled sets adapt on a
+    client's whole training set and score its held-out set, federated Omniglot adapts on
+    support drawings and scores held-out drawings of the same characters.
 
 Loss reduction and batch norm of the MAML reference code (``cbfinn/maml``)
     Its Omniglot loss is ``softmax_cross_entropy / update_batch_size`` per example and the
@@ -168,8 +172,6 @@ def _sinusoid_maml(config: ml_collections.ConfigDict) -> TaskSetup:
     eval_sampler = sinusoid_task_sampler(k, q_eval)
 
     def sample_task(key: jax.Array, client: Mapping[str, jax.Array]) -> tuple[Batch, Batch]:
-        if "amplitude" in client:  # a fixed evaluation sinusoid
-            return eval_sampler(key, client)
         ka, kp, kt = jax.random.split(key, 3)  # the training client: a fresh sinusoid per task
         fresh = {
             "amplitude": jax.random.uniform(ka, (), dtype, *AMPLITUDE_RANGE),
@@ -188,6 +190,7 @@ def _sinusoid_maml(config: ml_collections.ConfigDict) -> TaskSetup:
         loss_fn=loss_fn,
         metrics_fn=metrics_fn,
         sample_task=sample_task,
+        eval_sample_task=eval_sampler,  # a fixed evaluation sinusoid: K and Q fresh points
         train_data={"num_examples": jnp.ones((1,), dtype)},
         val_data=fmljax.data.sample_sinusoid_clients(k_va, config.get("num_val_tasks", 100), dtype),
         test_data=fmljax.data.sample_sinusoid_clients(k_te, n_eval, dtype),
@@ -346,14 +349,22 @@ def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
             "test": jnp.asarray(splits["test"].images),
         }
 
-        def sample_task(key: jax.Array, client: Mapping[str, Any]):
-            if "images" in client:  # the meta-training client
-                pool = client["images"]
-            else:  # an evaluation task id: one episode of the held-out characters
-                pool = pools["val" if "val_task" in client else "test"]
-                key = jax.random.fold_in(
-                    key, client["val_task" if "val_task" in client else "test_task"]
-                )
+        def sample_task(key: jax.Array, client: Mapping[str, Any]):  # the meta-training client
+            return sample_episode(
+                key,
+                client["images"],
+                ways=ways,
+                shots=shots,
+                queries=queries,
+                augmentation=augmentation,
+            )
+
+        def eval_task(key: jax.Array, client: Mapping[str, Any]):
+            # an evaluation task id: one episode of the held-out characters
+            pool = pools["val" if "val_task" in client else "test"]
+            key = jax.random.fold_in(
+                key, client["val_task" if "val_task" in client else "test_task"]
+            )
             return sample_episode(
                 key, pool, ways=ways, shots=shots, queries=queries, augmentation=augmentation
             )
@@ -365,6 +376,7 @@ def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
             loss_fn=loss_fn,
             metrics_fn=metrics_fn,
             sample_task=sample_task,
+            eval_sample_task=eval_task,
             train_data={"images": train_images, "num_examples": jnp.ones((1,), jnp.float32)},
             val_data={"val_task": jnp.arange(n_val)},
             test_data={"test_task": jnp.arange(n_test)},
@@ -399,10 +411,8 @@ def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
         ways=ways, shots=shots, queries=queries, query_key="heldout_images", data=val_data
     )
 
-    def sample_fed(key: jax.Array, client: Mapping[str, Any]):
-        if "test_images" not in client:
-            return train_sampler(key, client)
-        support, query = eval_sampler(key, client)
+    def eval_fed(key: jax.Array, client: Mapping[str, Any]):
+        support, query = eval_sampler(key, client)  # support drawings -> held-out drawings
         if "heldout_images" in client:  # the same episode (key, classes, labels, support) ...
             held_query = heldout_sampler(key, client)[1]  # ... scored on the test drawings
             query = {**query, "hx": held_query["x"], "hy": held_query["y"]}
@@ -412,7 +422,8 @@ def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
         model=model,
         loss_fn=loss_fn,
         metrics_fn=_with_heldout(metrics_fn),
-        sample_task=sample_fed,
+        sample_task=train_sampler,
+        eval_sample_task=eval_fed,
         train_data=train_only,
         val_data=val_data,
         test_data=test_data,
@@ -485,9 +496,7 @@ def _labelled_setup(
     batch = config.get("batch_size", 20)
     train_sampler = client_batch_sampler(batch, batch, source="train", data=parts["train"])
 
-    def sample_task(key: jax.Array, client: Mapping[str, Any]):
-        if "test" not in client:
-            return train_sampler(key, client)
+    def eval_task(key: jax.Array, client: Mapping[str, Any]):
         support, query = full_client_task(key, client)  # whole train set -> held-out set
         if "heldout" in client:  # validation rounds also score the test set (``test_*``)
             h = client["heldout"]
@@ -499,7 +508,8 @@ def _labelled_setup(
         model=model,
         loss_fn=loss_fn,
         metrics_fn=_with_heldout(fmljax.classification_metrics(model.apply)),
-        sample_task=sample_task,
+        sample_task=train_sampler,
+        eval_sample_task=eval_task,
         train_data=parts["train"],
         val_data=parts["val"],
         test_data=parts["test"],

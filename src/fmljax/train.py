@@ -85,7 +85,7 @@ import numpy as np
 import optax
 
 import fmljax
-from fmljax import runlog, sharding
+from fmljax import runlog, samplers, sharding
 from fmljax.federated import ALGORITHMS, RoundConfig, ServerState, scan_rounds
 
 __all__ = [
@@ -149,16 +149,26 @@ class NonFiniteRoundError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class TaskSetup:
-    """What a task source gives the training loop."""
+    """What a task source gives the training loop.
+
+    ``sample_task`` draws the training tasks of the rounds (from ``train_data``);
+    ``eval_sample_task`` the evaluation tasks of ``val_data`` / ``test_data`` (support to
+    adapt on, query to score). ``eval_sample_task=None``: ``sample_task.evaluation`` of a
+    split-aware sampler (:func:`fmljax.data.client_batch_sampler` on
+    :func:`fmljax.data.federate` data: adapt on each client's ``'train'`` examples, score on
+    its ``'test'`` examples), else ``sample_task`` itself, which :func:`validate_setup`
+    refuses for evaluation data that holds held-out examples (see :func:`fmljax.build`).
+    """
 
     model: fmljax.Model
     loss_fn: Callable  # loss_fn(params, batch) -> scalar
     metrics_fn: Callable  # metrics_fn(params, batch) -> dict of scalars
-    sample_task: Callable  # sample_task(key, client) -> (support, query)
+    sample_task: Callable  # sample_task(key, client) -> (support, query), training tasks
     train_data: Any  # federated training clients, leading axis C
     val_data: Any  # held-out clients for periodic evaluation
     test_data: Any  # held-out clients for the final evaluation
     target_metric: str  # the metric the progress line shows ('mse', 'accuracy')
+    eval_sample_task: Callable | None = None  # evaluation tasks (None: see above)
 
 
 TASKS: dict[str, Callable[[ml_collections.ConfigDict], TaskSetup]] = {}
@@ -228,11 +238,13 @@ def _sinusoid(config: ml_collections.ConfigDict) -> TaskSetup:
     model = fmljax.mlp((1, *hidden, 1), dtype=dtype)
     key = jax.random.key(config.data_seed)
     k_tr, k_va, k_te = jax.random.split(key, 3)
+    sampler = fmljax.data.sinusoid_task_sampler(config.support_size, config.query_size)
     return TaskSetup(
         model=model,
         loss_fn=fmljax.mse_loss(model.apply),
         metrics_fn=fmljax.regression_metrics(model.apply),
-        sample_task=fmljax.data.sinusoid_task_sampler(config.support_size, config.query_size),
+        sample_task=sampler,
+        eval_sample_task=sampler,  # held-out clients: K and Q fresh points of each sinusoid
         train_data=fmljax.data.sample_sinusoid_clients(k_tr, config.num_clients, dtype),
         val_data=fmljax.data.sample_sinusoid_clients(k_va, config.num_eval_clients, dtype),
         test_data=fmljax.data.sample_sinusoid_clients(k_te, config.num_eval_clients, dtype),
@@ -369,6 +381,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         rc.validate()
     except ValueError as e:  # the config's own names for RoundConfig's fields
         raise ValueError(str(e).replace("RoundConfig.", "config.")) from None
+    if str(config.algorithm).strip() == "fedavg":  # a list: run_experiment checks each run
+        fine_tune = config.get("fine_tune", False)
+        fmljax.federated._check_fine_tune(
+            fine_tune, rc, "config.", "config.fine_tune", "config.algorithm='fedavg'"
+        )
     for name in str(config.algorithm).split(","):
         if ALGORITHMS[name.strip()][0] == "meta":
             need(rc.inner_steps >= 1, "inner_steps", f"an int >= 1 for {name.strip()!r}")
@@ -423,6 +440,29 @@ def validate_setup(config: ml_collections.ConfigDict, setup: TaskSetup) -> None:
             )
     _check_labels(config, setup, params, support)
     _check_memory(config, params)
+    _check_evaluation(config, setup)
+
+
+def _check_evaluation(config: ml_collections.ConfigDict, setup: TaskSetup) -> None:
+    """The evaluation sampler on the first validation and test client (shapes only): a plain
+    sampler is refused for data with held-out examples (it would score training data)."""
+    eval_task, guard = samplers.evaluation_sampler(setup.sample_task, setup.eval_sample_task)
+    for split in ("val_data", "test_data"):
+        data = getattr(setup, split)
+        if guard:
+            try:
+                samplers.check_heldout_evaluation(f"task {config.task!r}", setup.sample_task, data)
+            except ValueError as e:
+                raise ValueError(
+                    f"{e} (TaskSetup.eval_sample_task of the task's builder; {split})"
+                ) from None
+        client = jax.tree.map(lambda x: x[0], data)
+        try:
+            jax.eval_shape(eval_task, jax.random.key(0), client)
+        except Exception as e:
+            raise ValueError(
+                f"task {config.task!r}: the evaluation sampler fails on {split}: {e}"
+            ) from e
 
 
 def _label_arrays(data: Any, where: str) -> list[tuple[str, np.ndarray]]:
@@ -738,6 +778,7 @@ def _build_run(config: ml_collections.ConfigDict) -> _Run:
         server_optimizer=make_server_optimizer(config),
         metrics_fn=setup.metrics_fn,
         fine_tune=bool(config.get("fine_tune", False)),
+        eval_sample_task=setup.eval_sample_task,
         client_sharding=None if mesh is None else sharding.client_sharding(mesh, client_axis),
     )
     k_init, k_rounds, k_eval = jax.random.split(jax.random.key(config.seed), 3)

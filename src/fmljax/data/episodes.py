@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmljax.samplers import SplitSampler
+
 Batch = dict[str, jax.Array]
 TaskSampler = Callable[[jax.Array, Any], tuple[Batch, Batch]]
 
@@ -312,7 +314,10 @@ def episode_task_sampler(
     ``query_key`` (e.g. ``'test_images'`` of :func:`fmljax.data.omniglot.omniglot_clients`) the
     query comes from that array (the client's held-out examples of the same classes) and the
     support from ``images_key``: that is the personalised evaluation, whose query examples
-    never enter a support set or a training step. ``augmentation``: see :data:`AUGMENTATIONS`.
+    never enter a support set or a training step; such a sampler is its own evaluation
+    sampler (``sample_task.evaluation is sample_task``, see :mod:`fmljax.samplers`), so
+    :func:`fmljax.build` evaluates with it on data holding ``'test_images'``.
+    ``augmentation``: see :data:`AUGMENTATIONS`.
 
     ``data`` (optional): the whole dataset, one image set or federated (leading axis C), checked
     now on the host so that bad settings fail before anything compiles.
@@ -343,6 +348,8 @@ def episode_task_sampler(
             query_images=None if query_key is None else client_data[query_key],
         )
 
+    if query_key is not None:  # an evaluation sampler: query = held-out drawings
+        sample_task.evaluation = sample_task  # type: ignore[attr-defined]
     return sample_task
 
 
@@ -351,28 +358,58 @@ def client_batch_sampler(
     query_size: int,
     *,
     source: str = "train",
+    heldout: str = "test",
+    eval_support_size: int | None = None,
+    eval_query_size: int | None = None,
     data: Mapping[str, Any] | None = None,
-) -> TaskSampler:
-    """A task sampler for labelled clients: disjoint random support and query batches.
+) -> SplitSampler:
+    """A split-aware task sampler for labelled clients (:class:`fmljax.samplers.SplitSampler`).
 
-    ``client_data[source]`` is ``{'x': [M, ...], 'y': [M], 'mask': [M]}`` (one padded client,
-    see :func:`fmljax.data.partition.federate`). The support (``support_size`` examples) and
-    the query (``query_size``) are disjoint uniform draws without replacement among the real
-    examples (``mask == 1``), so test examples (``client_data['test']``) never enter them. A
-    client with fewer than ``support_size + query_size`` real examples gets padded positions,
-    marked ``mask = 0``; pass ``data`` (the federated dataset) to rule that out on the host.
+    ``client_data[source]`` and ``client_data[heldout]`` are ``{'x': [M, ...], 'y': [M],
+    'mask': [M]}`` (one padded client, see :func:`fmljax.data.partition.federate`: ``'train'``
+    and ``'test'``).
 
-    Returns ``sample_task(key, client_data) -> (support, query)`` with ``'x'``, ``'y'``,
-    ``'mask'`` of lengths ``support_size`` and ``query_size``.
+    * Training, ``sampler(key, client_data)``: the support (``support_size`` = K examples) and
+      the query (``query_size`` = Q) are disjoint uniform draws without replacement among the
+      real (``mask == 1``) examples of ``client_data[source]``; held-out examples never enter
+      them.
+    * Evaluation, ``sampler.evaluation(key, client_data)`` (what :func:`fmljax.build`'s
+      ``evaluate`` uses by default): the support is a uniform draw of ``eval_support_size``
+      (default K) real examples of ``client_data[source]``, the query is the client's whole
+      held-out split ``client_data[heldout]`` (padded, masked) or, with ``eval_query_size``,
+      a uniform draw of that many of its real examples. No example is in both, and perturbing
+      the held-out split never changes the adapted parameters.
+
+    A client with fewer real examples than a draw needs gets padded positions, marked
+    ``mask = 0``; pass ``data`` (the federated dataset) to rule that out on the host.
+
+    Returns the sampler; ``'x'``, ``'y'``, ``'mask'`` of lengths K and Q (training) or
+    ``eval_support_size`` and ``eval_query_size`` / the padded held-out length (evaluation).
     """
     for name, value in (("support_size", support_size), ("query_size", query_size)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"client_batch_sampler: {name}={value!r} must be an integer >= 1")
+    for name, value in (("eval_support_size", eval_support_size),
+                        ("eval_query_size", eval_query_size)):  # fmt: skip
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(
+                f"client_batch_sampler: {name}={value!r} is invalid: must be None or an "
+                "integer >= 1"
+            )
+    for name, value in (("source", source), ("heldout", heldout)):
+        if not isinstance(value, str):
+            raise ValueError(f"client_batch_sampler: {name}={value!r} is invalid: must be a str")
+    if source == heldout:
+        raise ValueError(
+            f"client_batch_sampler: heldout={heldout!r} is invalid: must differ from "
+            f"source={source!r} (evaluation would score training examples)"
+        )
+    k_eval = support_size if eval_support_size is None else eval_support_size
     if data is not None:
+        splits = sorted(k for k in data if isinstance(data[k], Mapping))
         if source not in data:
             raise ValueError(
-                f"client_batch_sampler: source={source!r} is not in the dataset; "
-                f"allowed: {sorted(k for k in data if isinstance(data[k], Mapping))}"
+                f"client_batch_sampler: source={source!r} is not in the dataset; allowed: {splits}"
             )
         sizes = np.asarray(data[source]["mask"]).sum(axis=-1)
         smallest = int(np.argmin(sizes))
@@ -384,26 +421,70 @@ def client_batch_sampler(
                 f"{smallest} (the smallest); allowed: support_size + query_size <= "
                 f"{int(sizes[smallest])}"
             )
+        if sizes[smallest] < k_eval:
+            raise ValueError(
+                f"client_batch_sampler: eval_support_size={k_eval} is more than the "
+                f"{int(sizes[smallest])} {source!r} examples of client {smallest} (the "
+                f"smallest); allowed: eval_support_size <= {int(sizes[smallest])}"
+            )
+        if heldout in data and eval_query_size is not None:
+            held = np.asarray(data[heldout]["mask"]).sum(axis=-1)
+            low = int(np.argmin(held))
+            if held[low] < eval_query_size:
+                raise ValueError(
+                    f"client_batch_sampler: eval_query_size={eval_query_size} is more than the "
+                    f"{int(held[low])} {heldout!r} examples of client {low} (the smallest); "
+                    f"allowed: eval_query_size <= {int(held[low])}"
+                )
 
-    def sample_task(key: jax.Array, client_data: Mapping[str, Any]) -> tuple[Batch, Batch]:
-        pool = client_data[source]
+    def draw(key: jax.Array, pool: Mapping[str, jax.Array], sizes: tuple[int, ...], what: str):
         mask = pool["mask"]
         m = mask.shape[0]
-        if support_size + query_size > m:
+        if sum(sizes) > m:
             raise ValueError(
-                f"client_batch_sampler: support_size + query_size = {support_size + query_size} "
-                f"is more than the padded client size {m}"
+                f"client_batch_sampler: {what} = {sum(sizes)} is more than the padded client "
+                f"size {m}"
             )
         scores = jnp.where(mask > 0, jax.random.uniform(key, (m,)), 2.0)
         order = jnp.argsort(scores)  # real examples first, in a random order
-        take = lambda idx: {k: v[idx] for k, v in pool.items()}
-        return take(order[:support_size]), take(order[support_size : support_size + query_size])
+        cuts = np.cumsum((0, *sizes))
+        pairs = zip(cuts[:-1], cuts[1:], strict=True)
+        return [{k: v[order[a:b]] for k, v in pool.items()} for a, b in pairs]
 
-    return sample_task
+    def sample_task(key: jax.Array, client_data: Mapping[str, Any]) -> tuple[Batch, Batch]:
+        support, query = draw(
+            key, client_data[source], (support_size, query_size), "support_size + query_size"
+        )
+        return support, query
+
+    def evaluation(key: jax.Array, client_data: Mapping[str, Any]) -> tuple[Batch, Batch]:
+        if heldout not in client_data:
+            raise ValueError(
+                f"client_batch_sampler(...).evaluation: the client has no {heldout!r} split "
+                f"(keys: {sorted(client_data)}); allowed: clients with held-out examples (e.g. "
+                "fmljax.data.federate), or another heldout= split"
+            )
+        (support,) = draw(key, client_data[source], (k_eval,), "eval_support_size")
+        if eval_query_size is None:
+            query = dict(client_data[heldout])
+        else:
+            k_query = jax.random.fold_in(key, 1)
+            (query,) = draw(k_query, client_data[heldout], (eval_query_size,), "eval_query_size")
+        return support, query
+
+    return SplitSampler(sample_task, evaluation)
 
 
 def full_client_task(key: jax.Array, client_data: Mapping[str, Any]) -> tuple[Batch, Batch]:
     """Personalised evaluation task: support = the client's whole (padded, masked) train set,
-    query = its whole test set. ``key`` is unused (kept for the sampler signature)."""
+    query = its whole test set. ``key`` is unused (kept for the sampler signature). An
+    evaluation sampler (``full_client_task.evaluation is full_client_task``): as
+    ``eval_sample_task`` of :func:`fmljax.build`, or as its ``sample_task`` for evaluation
+    only (a training round on it would train on the held-out examples)."""
     del key
     return dict(client_data["train"]), dict(client_data["test"])
+
+
+# full_client_task is itself an evaluation sampler (support = 'train', query = held-out
+# 'test'): as ``sample_task`` of :func:`fmljax.build` it needs no ``eval_sample_task``.
+full_client_task.evaluation = full_client_task  # type: ignore[attr-defined]

@@ -19,6 +19,10 @@ A federated labelled dataset (:func:`federate`) is a dict of device arrays with 
      'test':  {'x': [C, M', ...], 'y': [C, M'], 'mask': [C, M']},
      'num_examples': [C] float32}            # real train examples: the aggregation weight
 
+``'test'`` is each client's held-out split: training rounds never read it, and
+:func:`fmljax.data.client_batch_sampler`'s evaluation sampler (what ``evaluate`` of
+:func:`fmljax.build` uses by default) adapts on ``'train'`` and scores ``'test'``.
+
 Client sampling per round (:func:`sample_clients`) is a pure function of (seed, round), so a
 resumed run samples the same clients.
 """
