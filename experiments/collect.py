@@ -639,7 +639,13 @@ def build(root: str, store: str | None = None) -> str:
     return "\n".join(sections)
 
 
-SECTIONS = {"omniglot": "## 1.", "sinusoid": "## 2.", "federated": "## 3.", "jiang": "## 4."}
+SECTIONS = {
+    "omniglot": "## 1.",
+    "sinusoid": "## 2.",
+    "federated": "## 3.",
+    "jiang": "## 4.",
+    "mainjob": "## 5.",
+}
 
 
 def replace_sections(old: str, new: str, keys: list[str]) -> str:

@@ -12,16 +12,17 @@ jax.random inside the jitted round.
   between the orders; beta = 1e-2 made the second-order run unstable.)
 * FedAvg + fine-tuning: the baseline, 5 local steps of rate 1e-2, 10 fine-tuning steps.
 
-Command (the README's main job, CPU, about 1 minute on the 2-core CPU, mostly compilation):
+Command (the README's main job: about 30 s on the 2-core CPU, mostly compilation; 16 s with
+the compilation cache of an earlier run):
 
     python experiments/main.py --config=experiments/configs/sinusoid.py --workdir=runs/sinusoid
 
 Prints a table of personalised test MSE per algorithm (second order vs first order) at the
-end; the numbers of the last run are in experiments/RESULTS.md, section 5. Last run (58 s
-wall, 2-core CPU, code 4bf6a47): MSE after 10 steps over 600 held-out clients,
-FedMeta-MAML 0.71 ± 0.09 vs FedMeta-FOMAML 1.09 ± 0.13, Per-FedAvg-SO 0.42 ± 0.04 vs
-Per-FedAvg-FO 0.62 ± 0.07, FedAvg + fine-tuning 0.79 ± 0.18: second order below first order
-in both pairs, the 95% intervals apart.
+end; the numbers of the last run are in experiments/RESULTS.md, section 5. Last run (code
+ebc83d2, 2-core CPU): MSE after 10 steps over 600 held-out clients, FedMeta-MAML
+0.75 ± 0.10 vs FedMeta-FOMAML 1.06 ± 0.12, Per-FedAvg-SO 0.41 ± 0.04 vs Per-FedAvg-FO
+0.62 ± 0.07, FedAvg + fine-tuning 0.81 ± 0.18: second order below first order in both pairs,
+the 95% intervals apart.
 """
 
 import ml_collections
