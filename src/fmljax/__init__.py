@@ -32,6 +32,7 @@ from fmljax.meta import (
 from fmljax.models import (
     Model,
     conv4,
+    conv_impl_of,
     from_linen,
     from_nnx,
     logistic_regression,
@@ -57,6 +58,7 @@ __all__ = [
     "build",
     "classification_metrics",
     "conv4",
+    "conv_impl_of",
     "cross_entropy_loss",
     "data",
     "fedavg",

@@ -18,7 +18,15 @@ None for an unpadded batch). :func:`conv4` is mask-aware; :func:`mlp` and
 
 Flax models: :func:`from_linen` and :func:`from_nnx` turn a ``flax.linen`` or ``flax.nnx``
 module into a :class:`Model` whose params are a plain PyTree of the module's trainable
-parameters (``'params'`` collection / ``nnx.Param`` variables).
+parameters (``'params'`` collection / ``nnx.Param`` variables). Their ``conv_impl`` picks how
+the module's convolutions run, as ``impl`` does for :func:`conv4`: ``'im2col'`` wraps the apply
+with :func:`fmljax.convs.batched_convs` (every ``lax.conv_general_dilated`` of the traced
+program rewritten as strided slices and a matrix product, so that ``vmap`` over per-task
+weights gives batched matrix products instead of grouped convolutions, whose backward pass is
+slow on XLA:CPU), ``'lax'`` leaves the module's convolutions as they are, and ``'auto'`` (the
+default) is ``'im2col'`` on the CPU backend and ``'lax'`` on GPU/TPU, resolved when the model is
+built; :func:`conv_impl_of` returns the choice made (for benchmarks and run records). Values,
+gradients and meta-gradients are the same either way, up to float rounding.
 
 Batch norm inside inner loops. MAML-style inner loops call ``apply`` on a task's support and
 query batches with parameters that are themselves functions of the meta-parameters, inside
@@ -47,6 +55,8 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
+from fmljax.convs import batched_convs
+
 Params = Any  # a PyTree of arrays
 PRNGKey = jax.Array
 
@@ -58,6 +68,7 @@ __all__ = [
     "batch_norm",
     "conv2d_same",
     "conv4",
+    "conv_impl_of",
     "from_linen",
     "from_nnx",
     "logistic_regression",
@@ -66,7 +77,8 @@ __all__ = [
     "takes_mask",
 ]
 
-#: Convolution implementations of :func:`conv4` (``impl=``); see :func:`conv2d_same`.
+#: Convolution implementations of :func:`conv4` (``impl=``, see :func:`conv2d_same`) and of
+#: :func:`from_linen` / :func:`from_nnx` (``conv_impl=``, see :func:`fmljax.convs.batched_convs`).
 CONV_IMPLS = ("auto", "lax", "im2col")
 
 
@@ -414,11 +426,44 @@ def _unwrap_params(params: Params, top_keys: frozenset) -> Params:
     return params
 
 
+def _with_conv_impl(apply: Callable[..., Any], conv_impl: str) -> Callable[..., Any]:
+    """``apply`` with ``conv_impl`` resolved (``'auto'`` by the backend, now) and applied.
+
+    ``'im2col'`` wraps ``apply`` with :func:`fmljax.convs.batched_convs`; ``'lax'`` keeps it.
+    The result carries the resolved choice as its ``conv_impl`` attribute, and the
+    :func:`mask_aware` marker of ``apply`` if it has one.
+    """
+    resolved = _resolve_conv_impl(conv_impl)
+    out = batched_convs(apply) if resolved == "im2col" else apply
+    if takes_mask(apply):
+        setattr(out, _MASK_AWARE, True)  # functools.wraps copies it too; kept explicitly
+    out.conv_impl = resolved  # type: ignore[attr-defined]
+    return out
+
+
+def _check_conv_impl(conv_impl: Any, where: str) -> None:
+    if not isinstance(conv_impl, str) or conv_impl not in CONV_IMPLS:
+        raise ValueError(f"{where}: conv_impl={conv_impl!r} is not one of {CONV_IMPLS}")
+
+
+def conv_impl_of(model: Model | Callable[..., Any]) -> str | None:
+    """The convolution implementation a model (or its apply) was built with.
+
+    Returns ``'im2col'`` or ``'lax'`` for a :func:`from_linen` / :func:`from_nnx` model (its
+    ``conv_impl`` resolved when it was built: ``'auto'`` never appears), and None for any
+    other model (:func:`conv4` resolves its ``impl`` when traced; a user's apply has no record).
+    """
+    apply = model.apply if isinstance(model, Model) else model
+    impl = getattr(apply, "conv_impl", None)
+    return impl if impl in ("lax", "im2col") else None
+
+
 def from_linen(
     module: Any,
     example_x: jax.Array,
     *,
     mask_aware: bool = False,
+    conv_impl: Literal["auto", "lax", "im2col"] = "auto",
     **apply_kwargs: Any,
 ) -> Model:
     """A ``flax.linen`` module as a :class:`Model` (trainable ``'params'`` only).
@@ -431,6 +476,19 @@ def from_linen(
         :func:`mask_aware`. Linen's ``BatchNorm(...)(h, mask=...)`` wants a mask
         broadcastable to ``h``: pass ``mask[:, None, None, None] > 0`` for ``h`` [B, H, W, ch]
         (None keeps every example).
+      conv_impl: how the module's convolutions run, one of :data:`CONV_IMPLS`. ``'im2col'``:
+        the apply is wrapped with :func:`fmljax.convs.batched_convs`, which rewrites every
+        ``lax.conv_general_dilated`` of the traced program (``nn.Conv``, ``nn.ConvTranspose``,
+        direct ``lax`` calls; any layout, stride, padding, dilation or group count) as strided
+        slices and one matrix product, so that under ``vmap`` with per-task weights (MAML's
+        meta-step) they are batched matrix products, to every order of derivative, instead
+        of grouped convolutions (slow in the backward pass on XLA:CPU). ``'lax'``: the
+        module's convolutions as they are. ``'auto'`` (the default): ``'im2col'`` if
+        ``jax.default_backend()`` is ``'cpu'`` when ``from_linen`` is called, ``'lax'``
+        otherwise. The resolved choice is ``apply.conv_impl`` (:func:`conv_impl_of`). Both
+        compute the same function (equal up to float rounding); params are the same.
+        Convolutions inside primitives the rewrite does not know (``shard_map``,
+        ``pallas_call``, ...) stay as they are, with a warning (see :mod:`fmljax.convs`).
       **apply_kwargs: further keyword arguments of every ``module`` call (init and apply),
         e.g. ``train=True`` or ``deterministic=True`` for a module with dropout (a pure
         ``apply(params, x)`` has no random key to draw dropout masks from).
@@ -449,6 +507,7 @@ def from_linen(
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_linen: module={module!r} is not a flax.linen.Module")
+    _check_conv_impl(conv_impl, "from_linen")
     example_x = jnp.asarray(example_x)
     init_kw = dict(apply_kwargs)
     if mask_aware:
@@ -475,15 +534,20 @@ def from_linen(
         def apply_masked(params: Params, x: jax.Array, mask: jax.Array | None = None):
             return call(params, x, mask=mask)
 
-        return Model(init, _mark_mask_aware(apply_masked))
+        return Model(init, _with_conv_impl(_mark_mask_aware(apply_masked), conv_impl))
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return call(params, x)
 
-    return Model(init, apply)
+    return Model(init, _with_conv_impl(apply, conv_impl))
 
 
-def from_nnx(module: Any, *, mask_aware: bool = False) -> Model:
+def from_nnx(
+    module: Any,
+    *,
+    mask_aware: bool = False,
+    conv_impl: Literal["auto", "lax", "im2col"] = "auto",
+) -> Model:
     """A ``flax.nnx`` module as a :class:`Model` (the ``nnx.Param`` variables only).
 
     Args:
@@ -492,6 +556,14 @@ def from_nnx(module: Any, *, mask_aware: bool = False) -> Model:
       mask_aware: ``module(x, mask=mask)`` takes the padding mask ([B], 1 = real, or None);
         the returned apply is marked :func:`mask_aware`. ``nnx.BatchNorm(h, mask=...)`` wants
         a mask broadcastable to ``h``, e.g. ``mask[:, None, None, None] > 0``.
+      conv_impl: how the module's convolutions run, one of :data:`CONV_IMPLS`, as in
+        :func:`from_linen`: ``'im2col'`` wraps the apply with
+        :func:`fmljax.convs.batched_convs` (every ``lax.conv_general_dilated``, e.g. of
+        ``nnx.Conv``, as strided slices and a matrix product: batched matrix products under
+        ``vmap`` over per-task weights, no grouped convolutions); ``'lax'`` leaves them;
+        ``'auto'`` (the default) is ``'im2col'`` if ``jax.default_backend()`` is ``'cpu'``
+        when ``from_nnx`` is called and ``'lax'`` otherwise. The resolved choice is
+        ``apply.conv_impl`` (:func:`conv_impl_of`). Both compute the same function.
 
     Returns:
       ``Model(init, apply)``. ``init(key)`` returns the parameters as a plain nested dict of
@@ -510,6 +582,7 @@ def from_nnx(module: Any, *, mask_aware: bool = False) -> Model:
     """
     from flax import nnx
 
+    _check_conv_impl(conv_impl, "from_nnx")
     if isinstance(module, nnx.Module):
         factory, template = None, module
     elif callable(module):
@@ -551,9 +624,9 @@ def from_nnx(module: Any, *, mask_aware: bool = False) -> Model:
         def apply_masked(params: Params, x: jax.Array, mask: jax.Array | None = None):
             return call(params, x, mask=mask)
 
-        return Model(init, _mark_mask_aware(apply_masked))
+        return Model(init, _with_conv_impl(_mark_mask_aware(apply_masked), conv_impl))
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return call(params, x)
 
-    return Model(init, apply)
+    return Model(init, _with_conv_impl(apply, conv_impl))
