@@ -110,13 +110,18 @@ KILLS = 5
 
 
 def _check_checkpoints(run_dir, keep) -> None:
-    """Every checkpoint a kill left that looks whole is whole (temp dir + rename)."""
+    """Every checkpoint a kill left that orbax committed (``commit_success.txt``) is whole
+    (written in a temporary directory, then renamed). A step folder without it can only be
+    the oldest one, cut in the middle of its deletion (the keep policy removes it file by
+    file after a newer save); restore skips such a folder (it fails verification)."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         return
-    finished = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    assert len(finished) <= keep + 1  # + 1: the kill may land between a save and a delete
-    for step in finished:
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    committed = [s for s in steps if os.path.exists(f"{ckpt_dir}/{s}/commit_success.txt")]
+    assert len(committed) <= keep + 1  # + 1: the kill may land between a save and a delete
+    assert all(s < min(committed) for s in steps if s not in committed) if committed else True
+    for step in committed:
         got = train.load_checkpoint(run_dir, step)
         assert got["meta"]["round"] == step == int(got["state"]["server"]["round"])
 

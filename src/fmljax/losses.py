@@ -29,28 +29,54 @@ __all__ = [
     "masked_mean",
     "mse_loss",
     "predict",
+    "real_examples",
     "regression_metrics",
 ]
 
 
-def predict(apply: ApplyFn, params: Params, batch: Batch) -> jax.Array:
-    """``apply(params, batch['x'])``; a :func:`fmljax.models.mask_aware` apply also gets the
-    batch's ``'mask'`` [B] (when it has one) as ``mask=``, to keep padding out of its batch
-    statistics. A plain apply never sees the mask: padded rows are dropped by the losses'
-    masked means."""
+def _real(mask: jax.Array | None, a: jax.Array) -> jax.Array:
+    """``a`` [B, ...] with the padded rows (``mask == 0``) replaced by zeros (``where``, so a
+    NaN or inf in padding never reaches a loss, its gradient or a metric)."""
+    if mask is None:
+        return a
+    real = (mask > 0).reshape((-1,) + (1,) * (a.ndim - 1))
+    return jnp.where(real, a, jnp.zeros((), a.dtype))
+
+
+def real_examples(batch: Batch) -> Batch:
+    """``batch`` with its padded examples' ``'x'`` and ``'y'`` set to zero (no ``'mask'``:
+    unchanged). The losses here call it first; a padded row's values are never used."""
     mask = batch.get("mask")
+    if mask is None:
+        return batch
+    out = dict(batch)
+    for k in ("x", "y"):
+        if k in batch:
+            out[k] = _real(mask, batch[k])
+    return out
+
+
+def predict(apply: ApplyFn, params: Params, batch: Batch) -> jax.Array:
+    """``apply(params, batch['x'])`` with padded rows zeroed (:func:`real_examples`); a
+    :func:`fmljax.models.mask_aware` apply also gets the batch's ``'mask'`` [B] (when it has
+    one) as ``mask=``, to keep padding out of its batch statistics. A plain apply never sees
+    the mask: padded rows are dropped by the losses' masked means."""
+    mask = batch.get("mask")
+    x = _real(mask, batch["x"])
     if mask is not None and takes_mask(apply):
-        return apply(params, batch["x"], mask=mask)
-    return apply(params, batch["x"])
+        return apply(params, x, mask=mask)
+    return apply(params, x)
 
 
 def masked_mean(values: jax.Array, batch: Batch) -> jax.Array:
-    """Mean of per-example ``values`` [B] over the examples whose ``batch['mask']`` is 1."""
+    """Mean of per-example ``values`` [B] over the examples whose ``batch['mask']`` is 1;
+    the others are selected away (``where``), so a non-finite padded value cannot leak in."""
     mask = batch.get("mask")
     if mask is None:
         return jnp.mean(values)
-    mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    real = mask > 0
+    total = jnp.sum(jnp.where(real, values, jnp.zeros((), values.dtype)))
+    return total / jnp.maximum(jnp.sum(real.astype(values.dtype)), 1.0)
 
 
 def mse_loss(apply: ApplyFn) -> LossFn:
@@ -58,7 +84,7 @@ def mse_loss(apply: ApplyFn) -> LossFn:
 
     def loss(params: Params, batch: Batch) -> jax.Array:
         pred = predict(apply, params, batch)
-        err = jnp.square(pred - batch["y"].reshape(pred.shape))
+        err = jnp.square(pred - _real(batch.get("mask"), batch["y"]).reshape(pred.shape))
         return masked_mean(err.reshape(err.shape[0], -1).mean(-1), batch)
 
     return loss
@@ -84,7 +110,8 @@ def cross_entropy_loss(apply: ApplyFn, reduction: str = "mean") -> LossFn:
 
     def loss(params: Params, batch: Batch) -> jax.Array:
         logits = predict(apply, params, batch)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        y = _real(batch.get("mask"), batch["y"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         mean = masked_mean(ce, batch)
         return mean * logits.shape[-1] if reduction == "per_way_sum" else mean
 
@@ -102,8 +129,9 @@ def classification_metrics(apply: ApplyFn) -> MetricsFn:
 
     def metrics(params: Params, batch: Batch) -> dict[str, jax.Array]:
         logits = predict(apply, params, batch)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-        correct = (jnp.argmax(logits, -1) == batch["y"]).astype(logits.dtype)
+        y = _real(batch.get("mask"), batch["y"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (jnp.argmax(logits, -1) == y).astype(logits.dtype)
         return {"loss": masked_mean(ce, batch), "accuracy": masked_mean(correct, batch)}
 
     return metrics

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmljax.losses import masked_mean
+from fmljax.losses import masked_mean, real_examples
 
 Params = Any
 Batch = Any
@@ -463,6 +463,7 @@ def prototypical_logits(
 
     Prototypes are the (masked) means of the support embeddings of each class 0..N-1.
     """
+    support = real_examples(support)  # padded rows zeroed: never NaN in a prototype
     z_s = embed(params, support["x"])  # [N*K, D]
     z_q = embed(params, query_x)  # [N*Q, D]
     onehot = jax.nn.one_hot(support["y"], num_ways, dtype=z_s.dtype)  # [N*K, N]
@@ -493,6 +494,7 @@ def prototypical_metrics(
     num_ways: int,
 ) -> dict[str, jax.Array]:
     """``{'loss', 'accuracy'}`` of a prototypical classifier on the query batch."""
+    query = real_examples(query)
     logits = prototypical_logits(embed, params, support, query["x"], num_ways)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, query["y"])
     correct = (jnp.argmax(logits, -1) == query["y"]).astype(logits.dtype)
