@@ -20,7 +20,9 @@ One round, ``update(state, key, data) -> (state, metrics)``:
    draws ``tasks_per_client`` (T) tasks from the client's data, computes a per-task
    (meta-)gradient (mapped over T), averages it and takes an SGD step of rate ``local_lr``;
 3. each client's update ``delta = start - end`` is averaged with weights proportional to the
-   client's ``num_examples``, over the clients that finished the round only (see below);
+   client's ``num_examples`` (``RoundConfig.weighting='num_examples'``, the default) or
+   uniformly (``'uniform'``, Per-FedAvg's Algorithm 1), over the clients that finished the
+   round only (see below);
 4. the server optimiser (optax) treats the average delta as a gradient: FedAvg's model
    average is ``optax.sgd(1.0)``; FedAdam is ``server_optimizer=optax.adam(lr)``.
 
@@ -63,7 +65,11 @@ Random keys, a documented contract (the tests rebuild a round with plain Python 
     step key    = fold_in(client_key, s)               s = 0 .. S-1
     task keys   = split(step_key, T)
     task        = sample_task(task_key, client_data)  -> (support, query)
-    Hessian batch of perfedavg-hf = sample_task(fold_in(task_key, 1), client_data).support
+    Hessian batch of perfedavg-hf (D'', the same task's data):
+                  sample_task.same_task(task_key, fold_in(task_key, 1), client_data).support
+                  for samplers that draw a task per call (episodic: new classes and labels),
+                  else sample_task(fold_in(task_key, 1), client_data).support (a client's
+                  data is its one task: client_batch_sampler, sinusoid clients)
     k_drop, k_straggle, k_steps = split(fold_in(key, 2), 3)   only with dropout / stragglers
                   (split(key) is (fold_in(key, 0), fold_in(key, 1)): stream 2 is unused)
     dropped     = bernoulli(k_drop, dropout_prob, (M,))
@@ -104,6 +110,7 @@ TaskSampler = Callable[[jax.Array, Any], tuple[Batch, Batch]]
 
 __all__ = [
     "ALGORITHMS",
+    "WEIGHTINGS",
     "ClientSharding",
     "FederatedAlgorithm",
     "RoundConfig",
@@ -164,6 +171,10 @@ class RoundConfig:
         refused: no client would ever train).
       straggler_prob: probability in [0, 1] that a client that did not drop finishes only
         ``U{1, ..., S - 1}`` local steps (needs ``local_steps >= 2``).
+      weighting: how the finished clients' updates are averaged: ``'num_examples'`` (the
+        default; FedAvg's ``n_k / n``, from ``data['num_examples']``, ones when absent) or
+        ``'uniform'`` (``1 / M'`` over the M' clients that finished: Per-FedAvg's Algorithm
+        1, Fallah et al., 2020).
     """
 
     clients_per_round: int = 10
@@ -183,6 +194,7 @@ class RoundConfig:
     fd_delta: float = 1e-3
     dropout_prob: float = 0.0
     straggler_prob: float = 0.0
+    weighting: str = "num_examples"
 
     def validate(self, algorithm: str = "") -> None:
         """Raise ValueError naming the field, its value and the allowed range.
@@ -241,6 +253,7 @@ class RoundConfig:
             f"0 when local_steps={self.local_steps} (a straggler finishes 1 .. S - 1 steps)",
         )
         need(isinstance(self.remat, bool | np.bool_), "remat", "True or False")
+        need(self.weighting in WEIGHTINGS, "weighting", f"one of {WEIGHTINGS}")
         for field in ("client_chunk", "task_chunk"):
             v = getattr(self, field)
             need(v is None or (_is_int(v) and v >= 1), field, "None or an int >= 1")
@@ -261,6 +274,9 @@ class RoundConfig:
         out["remat"] = bool(self.remat)
         return dataclasses.replace(self, **out)
 
+
+#: Aggregation weightings of :class:`RoundConfig` (``weighting=``).
+WEIGHTINGS = ("num_examples", "uniform")
 
 _FLOAT_FIELDS = ("local_lr", "inner_lr", "fd_delta", "dropout_prob", "straggler_prob")
 
@@ -325,11 +341,12 @@ def merge_batches(a: Batch, b: Batch) -> Batch:
 
 
 def client_weights(data: Any, num_clients: int) -> jax.Array:
-    """Aggregation weights [C]: ``data['num_examples']`` if present, else ones."""
+    """Aggregation weights [C]: ``data['num_examples']`` if present, else ones; in the default
+    float dtype (float64 when x64 is enabled), whatever the data's: example counts are exact
+    in float32 up to 2**24, so the cast is exact and a float64 run normalises in float64."""
     float_dtype = jnp.result_type(float)  # float64 when x64 is enabled, else float32
     if isinstance(data, Mapping) and "num_examples" in data:
-        w = jnp.asarray(data["num_examples"])
-        return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(float_dtype)
+        return jnp.asarray(data["num_examples"]).astype(float_dtype)
     return jnp.ones((num_clients,), float_dtype)
 
 
@@ -534,6 +551,10 @@ def build(
             f"every count must be > the evaluation steps ({eval_steps})"
         )
 
+    same_task = getattr(sample_task, "same_task", None) or getattr(
+        getattr(sample_task, "train", None), "same_task", None
+    )
+
     def split_meta(meta_params: Params) -> tuple[Params, Any]:
         if is_metasgd:
             return meta_params["params"], meta_params["inner_lr"]
@@ -556,8 +577,12 @@ def build(
             )
         params, lr = split_meta(meta_params)
         hessian_batch = None
-        if method == "hf-fd":
-            hessian_batch = sample_task(jax.random.fold_in(task_key, 1), client)[0]
+        if method == "hf-fd":  # D'': an independent batch of the same task
+            other = jax.random.fold_in(task_key, 1)
+            if same_task is not None:
+                hessian_batch = same_task(task_key, other, client)[0]
+            else:
+                hessian_batch = sample_task(other, client)[0]
         loss, grads = meta_gradient(
             loss_fn,
             params,
@@ -658,7 +683,10 @@ def build(
             )
         k_sample, k_clients = jax.random.split(key)
         chosen = jax.random.choice(k_sample, num_clients, (m,), replace=False)  # [M]
-        weights = client_weights(data, num_clients)[chosen]  # [M]
+        if cfg.weighting == "uniform":
+            weights = jnp.ones((m,), client_weights(data, num_clients).dtype)  # [M]
+        else:
+            weights = client_weights(data, num_clients)[chosen]  # [M]
         client_keys = jax.random.split(k_clients, m)
         active, steps = participation(key, m)
         ids = chosen.astype(jnp.int32)
@@ -812,6 +840,15 @@ def fedreptile(
     return build("fedreptile", loss_fn, sample_task, config, **kw)
 
 
+def _blank(shape: jax.ShapeDtypeStruct) -> jax.Array:
+    """The metrics of a skipped round: NaN (floats), -1 (ints), False (bools)."""
+    if jnp.issubdtype(shape.dtype, jnp.floating):
+        return jnp.full(shape.shape, jnp.nan, shape.dtype)
+    if jnp.issubdtype(shape.dtype, jnp.bool_):
+        return jnp.zeros(shape.shape, bool)
+    return jnp.full(shape.shape, -1, shape.dtype)
+
+
 def scan_rounds(
     update: Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]],
     num_rounds: int,
@@ -822,14 +859,42 @@ def scan_rounds(
     loop of single-round calls with ``fold_in(key, state.round)`` uses, so the two agree and a
     resumed run samples the same clients. Several rounds per compiled call keep small models
     from being dominated by dispatch.
+
+    A rejected round (``metrics['finite']`` False: the state and its round counter are kept,
+    see :func:`build`) ends the call's work: the remaining steps are skipped (``lax.cond``;
+    nothing is computed) and leave the state as it is, so the call returns the input state of
+    the failing round, as a loop that stops at the failure would, instead of repeating the
+    same deterministic failure with the same key. Every step's metrics carry ``'skipped'``
+    (True for the steps after a rejection; their other metrics are NaN, -1 or False).
     """
     if not isinstance(num_rounds, int) or num_rounds < 1:
         raise ValueError(f"scan_rounds: num_rounds={num_rounds!r} must be an int >= 1")
 
     def run(state: ServerState, key: jax.Array, data: Any):
-        def body(s, _):
-            return update(s, jax.random.fold_in(key, s.round), data)
+        def tagged(m: Any, skipped: bool) -> Any:
+            return {**m, "skipped": jnp.asarray(skipped)} if isinstance(m, Mapping) else m
 
-        return jax.lax.scan(body, state, None, length=num_rounds)
+        def one(s):
+            new, m = update(s, jax.random.fold_in(key, s.round), data)
+            return new, tagged(m, False)
+
+        shapes = jax.eval_shape(one, state)[1]
+
+        def skip(s):
+            return s, tagged(jax.tree.map(_blank, shapes), True)
+
+        def accepted(m: Any) -> jax.Array:
+            ok = m.get("finite", True) if isinstance(m, Mapping) else True
+            return jnp.asarray(ok, bool)
+
+        def body(carry, _):
+            s, going = carry
+            s, m = jax.lax.cond(going, one, skip, s)
+            return (s, going & accepted(m)), m
+
+        (state, _), metrics = jax.lax.scan(
+            body, (state, jnp.ones((), bool)), None, length=num_rounds
+        )
+        return state, metrics
 
     return run

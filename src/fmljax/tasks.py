@@ -359,6 +359,19 @@ def _omniglot(config: ml_collections.ConfigDict) -> TaskSetup:
                 augmentation=augmentation,
             )
 
+        def same_task(key: jax.Array, other_key: jax.Array, client: Mapping[str, Any]):
+            return sample_episode(
+                key,
+                client["images"],
+                ways=ways,
+                shots=shots,
+                queries=queries,
+                augmentation=augmentation,
+                example_key=other_key,
+            )
+
+        sample_task.same_task = same_task  # Per-FedAvg-HF's D'': the same episode's classes
+
         def eval_task(key: jax.Array, client: Mapping[str, Any]):
             # an evaluation task id: one episode of the held-out characters
             pool = pools["val" if "val_task" in client else "test"]

@@ -103,6 +103,7 @@ def sample_episode(
     num_classes: jax.Array | int | None = None,
     augmentation: str = "none",
     query_images: jax.Array | None = None,
+    example_key: jax.Array | None = None,
 ) -> tuple[Batch, Batch]:
     """One N-way K-shot episode from ``images`` ``[classes, E, H, W(, ch)]``.
 
@@ -122,6 +123,10 @@ def sample_episode(
       query_images: if given, ``[classes, E', H, W(, ch)]`` aligned with ``images`` class by
         class: the query comes from it (e.g. a client's held-out drawings) and the support
         from ``images``; otherwise support and query are disjoint draws from ``images``.
+      example_key: if given, the examples of each class are chosen with it and everything
+        else (classes, labels, rotations) with ``key``: ``sample_episode(key, ...,
+        example_key=k2)`` is another draw of the *same task* as ``sample_episode(key, ...)``
+        (Per-FedAvg-HF's independent batch D''). None: all from ``key``.
 
     Returns:
       ``(support, query)``: ``{'x': [N*K, H, W, ch] float32, 'y': [N*K] int32}`` and
@@ -163,6 +168,9 @@ def sample_episode(
     sizes = [n_cls, ways * n_ex, 0 if query_images is None else ways * n_qex, ways]
     u = jax.random.uniform(key, (sum(sizes),))
     u_cls, u_sup, u_qry, u_rot = jnp.split(u, np.cumsum(sizes)[:-1])
+    if example_key is not None:  # the same classes, labels and turns; other examples
+        u_ex = jax.random.uniform(example_key, (sizes[1] + sizes[2],))
+        u_sup, u_qry = u_ex[: sizes[1]], u_ex[sizes[1] :]
     scores = u_cls
     if num_classes is not None:
         scores = jnp.where(jnp.arange(n_cls) < num_classes, scores, 2.0)
@@ -348,6 +356,22 @@ def episode_task_sampler(
             query_images=None if query_key is None else client_data[query_key],
         )
 
+    def same_task(key: jax.Array, other_key: jax.Array, client_data: Mapping[str, Any]):
+        """Another draw of the task ``sample_task(key, client_data)`` draws: the same
+        classes, labels and rotations, the examples chosen by ``other_key``."""
+        return sample_episode(
+            key,
+            client_data[images_key],
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            num_classes=client_data.get("num_classes"),
+            augmentation=augmentation,
+            query_images=None if query_key is None else client_data[query_key],
+            example_key=other_key,
+        )
+
+    sample_task.same_task = same_task  # type: ignore[attr-defined]
     if query_key is not None:  # an evaluation sampler: query = held-out drawings
         sample_task.evaluation = sample_task  # type: ignore[attr-defined]
     return sample_task
