@@ -242,3 +242,33 @@ def test_it_learns_on_sinusoids(name, kw):
     before = float(jax.jit(post_loss)(params, key))
     after = float(jax.jit(post_loss)(train(params, jax.random.key(3)), key))
     assert after < (0.8 if name == "imaml" else 0.67) * before, (before, after)
+
+
+def test_fedmeta_anil_round_equals_its_meta_gradient(x64):
+    """FedMeta-MAML with the ANIL mask: one client, one task, local rate 1 and server SGD(1)
+    give params - meta_gradient(..., adapt_mask) of the task the key contract draws (1e-12:
+    the same arithmetic in another program); personalisation moves the head only."""
+    model = fmljax.mlp((1, 5, 1), activation=jnp.tanh, dtype=jnp.float64)
+    loss = fmljax.mse_loss(model.apply)
+    params = model.init(jax.random.key(0))
+    data = fmljax.data.sample_sinusoid_clients(jax.random.key(1), 3, jnp.float64)
+    sampler = fmljax.data.sinusoid_task_sampler(4, 4)
+    mask = lambda path, leaf: "dense1" in path  # the head of a 1-5-1 MLP
+    cfg = fmljax.RoundConfig(clients_per_round=1, tasks_per_client=1, local_lr=1.0, inner_lr=0.3)
+    alg = fmljax.build("fedmeta-maml", loss, sampler, cfg, server_optimizer=optax.sgd(1.0),
+                       adapt_mask=mask, eval_sample_task=sampler)  # fmt: skip
+    key = jax.random.key(2)
+    new, _ = jax.jit(alg.update)(alg.init(params), key, data)
+    k_sample, k_clients = jax.random.split(key)  # the documented key contract
+    c = int(jax.random.choice(k_sample, 3, (1,), replace=False)[0])
+    task_key = jax.random.split(jax.random.fold_in(jax.random.split(k_clients, 1)[0], 0), 1)[0]
+    client = jax.tree.map(lambda a: a[c], data)
+    support, query = sampler(task_key, client)
+    _, g = meta_gradient(loss, params, support, query, inner_lr=0.3, inner_steps=1,
+                         method="maml", adapt_mask=mask)  # fmt: skip
+    want = jax.tree.map(lambda p, gi: p - gi, params, g)
+    assert rel_err(flat(new.params), flat(want)) < 1e-12
+    assert np.abs(flat(g["dense0"])).max() > 0  # the body learns from the head's adaptation
+    adapted = alg.personalize(new.params, support)
+    np.testing.assert_array_equal(flat(adapted["dense0"]), flat(new.params["dense0"]))
+    assert np.abs(flat(adapted["dense1"]) - flat(new.params["dense1"])).max() > 0

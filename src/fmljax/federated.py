@@ -459,6 +459,7 @@ def build(
     fine_tune: bool = False,
     client_sharding: ClientSharding | None = None,
     eval_sample_task: TaskSampler | None = None,
+    adapt_mask: Any = None,
 ) -> FederatedAlgorithm:
     """Build the federated algorithm ``name`` (a key of :data:`ALGORITHMS`).
 
@@ -488,6 +489,12 @@ def build(
       client_sharding: pad the sampled clients to a multiple of ``client_sharding.multiple``
         with masked clients and constrain their layout (see :mod:`fmljax.sharding`); needs
         ``client_map='vmap'`` when the multiple is above 1.
+      adapt_mask: the parameters every inner loop and personalisation adapts (ANIL: the
+        head, e.g. ``lambda path, leaf: "head" in path``; BOIL: the body; see
+        :func:`fmljax.meta.head_mask`): a PyTree of bools shaped like the parameters or a
+        function ``(path, leaf) -> bool``; the meta-gradient still reaches every parameter.
+        None: all. Not for Meta-SGD's learned rates of frozen parameters (they get zero
+        gradients) nor FedAvg's training (it has no inner loop; fine-tuning uses it).
       eval_sample_task: ``eval_sample_task(key, client_data) -> (support, query)``, the
         evaluation task (support ``[K, ...]`` to adapt on, query ``[Q, ...]`` to score); see
         above for None.
@@ -574,6 +581,7 @@ def build(
                 inner_steps=cfg.inner_steps,
                 method="reptile",
                 remat=cfg.remat,
+                adapt_mask=adapt_mask,
             )
         params, lr = split_meta(meta_params)
         hessian_batch = None
@@ -594,6 +602,7 @@ def build(
             hessian_batch=hessian_batch,
             fd_delta=cfg.fd_delta,
             remat=cfg.remat,
+            adapt_mask=adapt_mask,
         )
         if is_metasgd:
             grads = {"params": grads[0], "inner_lr": grads[1]}
@@ -747,7 +756,8 @@ def build(
     def personalize(meta_params: Params, support: Batch) -> Params:
         """Adapt the meta-model on a client's support data only (``eval_steps`` SGD steps)."""
         params, lr = split_meta(meta_params)
-        return adapt(loss_fn, params, support, inner_lr=lr, inner_steps=eval_steps)
+        mask = adapt_mask if eval_steps else None
+        return adapt(loss_fn, params, support, inner_lr=lr, inner_steps=eval_steps, adapt_mask=mask)
 
     def evaluate(state: ServerState, key: jax.Array, data: Any) -> dict[str, jax.Array]:
         """Per-client metrics [C] on query data after adapting on support data only.
@@ -776,7 +786,10 @@ def build(
                 out = {**after, **{f"{k}_before": v for k, v in before.items()}}
                 done = eval_steps
                 for k in more_steps:  # keep adapting: metrics after k steps in all
-                    adapted = adapt(loss_fn, adapted, support, inner_lr=lr, inner_steps=k - done)
+                    adapted = adapt(
+                        loss_fn, adapted, support, inner_lr=lr, inner_steps=k - done,
+                        adapt_mask=adapt_mask,
+                    )  # fmt: skip
                     done = k
                     out.update({f"{m}_{k}steps": v for m, v in metrics_fn(adapted, query).items()})
                 return out
