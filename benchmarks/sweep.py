@@ -9,13 +9,17 @@
 its JSON lines (each carries the command line in ``tag``). ``plot`` draws each sweep into
 ``results/sweep_<name>.png``. ``table`` prints
 markdown tables built only from those lines (no number is typed by hand), each row with the
-command that produced it. The set is deliberately modest (a 2-core shared CPU); on a GPU run
+command that produced it, and a "Physical limit" section from the
+``results/roofline-<host>.jsonl`` lines of ``benchmarks/roofline.py --json`` (FLOPs per task
+and the measured matmul peak), every tasks/s figure with a matching line also given as a % of
+that peak. The set is deliberately modest (a 2-core shared CPU); on a GPU run
 it unchanged, with ``--steps`` raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -110,6 +114,101 @@ BEGIN, END = (
 )
 
 
+# ``python benchmarks/roofline.py --json`` lines, beside the results (one file per host)
+ROOFLINE_GLOB = "roofline-*.jsonl"
+ROOFLINE_CMD = (
+    "python benchmarks/roofline.py --json >> benchmarks/results/roofline-$(hostname).jsonl"
+)
+
+
+def load_roofline(results_dir: str) -> list[dict]:
+    """The roofline records (``kind == "roofline"``) of ``results_dir/roofline-*.jsonl``."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(results_dir, ROOFLINE_GLOB))):
+        for line in open(path):
+            if line.strip():
+                rec = json.loads(line)
+                if rec.get("kind") == "roofline":
+                    out.append(rec)
+    return out
+
+
+def roof_for(r: dict, roofs: list[dict]) -> dict | None:
+    """The roofline record that measures ``r``'s work on ``r``'s device: same workload, inner
+    steps and device, ``r``'s method counted; the same host preferred, the latest line."""
+    hits = [
+        x
+        for x in roofs
+        if x.get("workload") == r.get("workload")
+        and x.get("inner_steps") == r.get("inner_steps")
+        and x.get("device") == r.get("device")
+        and (x.get("flops_by_method") or {}).get(r.get("method"))
+        and x.get("peak_gflops")
+    ]
+    same_host = [x for x in hits if x.get("host") == r.get("host")]
+    return (same_host or hits or [None])[-1]
+
+
+def percent_of_peak(r: dict, roofs: list[dict]) -> float | None:
+    """``r``'s tasks/s as a percentage of the matmul peak (None: no matching roofline)."""
+    roof = roof_for(r, roofs)
+    if roof is None or not r.get("tasks_per_s"):
+        return None
+    flops = roof["flops_by_method"][r["method"]]
+    return 100.0 * r["tasks_per_s"] * flops / (roof["peak_gflops"] * 1e9)
+
+
+def _pct(v):
+    return "–" if v is None else f"{v:.1f}%"
+
+
+def physical_limit(recs: list[dict], roofs: list[dict]) -> list[str]:
+    """The "Physical limit" section: each roofline record (FLOPs of one task from XLA's cost
+    analysis, the measured matmul peak, the machine and its load) and the ceiling in tasks/s;
+    the throughput table's "% of peak" column is computed from these."""
+    out = ["### Physical limit (`benchmarks/roofline.py`)\n"]
+    if not roofs:
+        out.append(
+            "No roofline record is present (`benchmarks/results/roofline-<host>.jsonl`), so no "
+            f"figure is given as a fraction of the ceiling. Measure it on a quiet machine: "
+            f"`{ROOFLINE_CMD}`, then `python benchmarks/sweep.py table --write`.\n"
+        )
+        return out
+    out.append(
+        "FLOPs are XLA's cost analysis of the compiled program (a multiply-add is 2 FLOPs) of "
+        "ONE task's meta-gradient, exactly the task `throughput.py` times (its own builders); "
+        "the peak is the median of one large float32 `jnp.dot` (2 n^3 FLOPs), best size. "
+        "**% of peak** in the throughput table = tasks/s x FLOPs per task / peak FLOP/s, "
+        "with the FLOP count of the row's method (`fomaml` for first order) and the roofline "
+        "line of the same device (and host where there is one); the work per task is that of "
+        "the one-jit program, so the loop and PyTorch rows read as the same useful work per "
+        "second.\n"
+    )
+    out.append(
+        "| host | device | CPU | load (1, 5, 15 min) at start | matmul peak GFLOP/s (n) "
+        "| workload | conv | GFLOP/task: second order (method) | first order (fomaml) "
+        "| meta-batch step / (T x task) | ceiling tasks/s | command |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for x in roofs:
+        load = x.get("load_avg_start")
+        sizes = ", ".join(f"{p['gflops']:,.1f} ({p['n']})" for p in x.get("peak", []))
+        gf = lambda v: "–" if v is None else f"{v / 1e9:.3f}"
+        ratio = x.get("batch_over_tasks")
+        out.append(
+            f"| {x.get('host')} | `{x['device']}` | {_fmt(x.get('cpu_model'))} "
+            f"| {', '.join(f'{v:.1f}' for v in load) if load else '–'} "
+            f"| **{x['peak_gflops']:,.1f}** (n={x['peak_size']}; all: {sizes}) "
+            f"| {x['workload']} | {_fmt(x.get('conv_impl'))} "
+            f"| {gf(x.get('flops_per_task'))} ({x['method']}) "
+            f"| {gf(x.get('flops_per_task_first_order'))} "
+            f"| {'–' if ratio is None else f'{ratio:.3f}'} (T={x.get('meta_batch')}) "
+            f"| {_fmt(x.get('ceiling_tasks_per_s'))} | `{_fmt(x.get('tag'))}` |"
+        )
+    out.append("")
+    return out
+
+
 def _group(name: str | None) -> list[str]:
     if name is None:
         return COMMANDS
@@ -157,6 +256,7 @@ def _mib(v):
 
 def table(out: str) -> str:
     recs = [json.loads(line) for line in open(out) if line.strip()]
+    roofs = load_roofline(os.path.dirname(os.path.abspath(out)))
     lines = []
     if recs:
         loads = [r["load_avg_1m_start"] for r in recs if r.get("load_avg_1m_start") is not None]
@@ -165,16 +265,17 @@ def table(out: str) -> str:
             f"{recs[0]['jax_version']}; 1-minute load average at the start of the runs: "
             f"{min(loads):.1f} to {max(loads):.1f}.\n"
         )
+    lines += physical_limit(recs, roofs)
     in_sweeps = {c for _, cmds in SWEEPS.values() for c in cmds}
     timed = [r for r in recs if r["timed_steps"] and r["tag"] not in in_sweeps]
     lines.append(
         "### Throughput (timed runs; ratios are of medians from the same process, interleaved)\n"
     )
     lines.append(
-        "| # | workload | method | impl | task map | conv | steps/call | tasks/s | step ms median (min–max) "
+        "| # | workload | method | impl | task map | conv | steps/call | tasks/s | % of peak | step ms median (min–max) "
         "| compile s | timed steps | speed-up of onejit over this row | command |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(timed):
         wl = r["workload"] + (
             f" ({r['model']}, {r['clients']} clients x {r['local_steps']} x {r['tasks_per_client']})"
@@ -193,7 +294,8 @@ def table(out: str) -> str:
                 speed = f"**{main['speedup_vs_' + r['impl']]:.2f}x**"
         lines.append(
             f"| {i + 1} | {wl} | {r['method']} S={r['inner_steps']} | {r['impl']} | {tm} | {_fmt(r['conv_impl'])} "
-            f"| {r['steps_per_call']} | {_fmt(r['tasks_per_s'])} | {_fmt(r['step_ms_median'])} "
+            f"| {r['steps_per_call']} | {_fmt(r['tasks_per_s'])} | {_pct(percent_of_peak(r, roofs))} "
+            f"| {_fmt(r['step_ms_median'])} "
             f"({_fmt(r['step_ms_min'])}–{_fmt(r['step_ms_max'])}) | {_fmt(r['compile_s'])} | {r['timed_steps']} "
             f"| {speed} | `{r['tag']}` |"
         )

@@ -475,6 +475,22 @@ def _device_peak() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def make_meta_step(args, task_grad, opt):
+    """The timed meta-step: ``((params, opt_state), (support, query)) -> (new state, loss)``,
+    the per-task meta-gradients mapped over the task axis (``args.task_map``), their mean and
+    the ``opt`` step (``benchmarks/roofline.py`` counts the FLOPs of this same function)."""
+
+    def meta_step(state, batch):
+        p, o = state
+        s, q = batch
+        losses, grads = map_over(lambda t: task_grad(p, *t), (s, q), args.task_map, args.task_chunk)
+        g = jax.tree.map(lambda a: jnp.mean(a, 0), grads)
+        upd, o = opt.update(g, o, p)
+        return (optax.apply_updates(p, upd), o), jnp.mean(losses)
+
+    return meta_step
+
+
 def meta_contenders(args) -> tuple[list[Contender], int]:
     spec = _workload_spec(args)
     n = args.steps_per_call
@@ -487,13 +503,7 @@ def meta_contenders(args) -> tuple[list[Contender], int]:
     args.ran = _ran(model_params, task0(support), task0(query), spec["inner_lr"])
     task_grad = _task_grad_fn(args, loss_fn, spec["inner_lr"])
 
-    def meta_step(state, batch):
-        p, o = state
-        s, q = batch
-        losses, grads = map_over(lambda t: task_grad(p, *t), (s, q), args.task_map, args.task_chunk)
-        g = jax.tree.map(lambda a: jnp.mean(a, 0), grads)
-        upd, o = opt.update(g, o, p)
-        return (optax.apply_updates(p, upd), o), jnp.mean(losses)
+    meta_step = make_meta_step(args, task_grad, opt)
 
     def many_steps(state, s, q):
         return jax.lax.scan(meta_step, state, (s, q))
