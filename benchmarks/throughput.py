@@ -83,7 +83,9 @@ too (needs ``pip install torch==2.13.0``; torch is not an fmljax dependency).
 Output: one JSON line per measured implementation (``--json``; otherwise a short text line),
 the one-jit line carrying ``speedup_vs_<baseline>`` ratios of the medians. Every field is what
 ran: ``model`` is ``mlp``, ``conv4`` or the ``--model`` string of a user's model (whose
-``name`` is ``model_name``, else null); ``conv_impl`` is null unless a Conv4 ran;
+``name`` is ``model_name``, else null); ``conv_impl`` is the Conv4's, or for a user's model
+made by ``fmljax.from_linen`` / ``from_nnx`` the one it resolved (``fmljax.conv_impl_of``),
+else null;
 ``param_count`` and ``param_shapes`` (``{"path/to/leaf": [shape]}``) are those of
 ``model.init`` (Meta-SGD's learned rates, as many again, are not counted); ``task_shapes``
 the shapes of one task's support and query; ``inner_lr`` the inner rate. Timing: the
@@ -834,6 +836,13 @@ def _usage_error(message: str) -> None:
     raise SystemExit(2)
 
 
+def _user_conv_impl(args) -> str | None:
+    """What a user's model built by ``fmljax.from_linen`` / ``from_nnx`` did with its
+    convolutions (``'im2col'`` or ``'lax'``, see ``fmljax.conv_impl_of``); else None."""
+    user = getattr(args, "user", None)
+    return None if user is None else fmljax.conv_impl_of(user.model)
+
+
 def _check_user_model(args) -> None:
     """Resolve ``--model``: ``args.user`` is the :class:`UserModel` or None (built-in)."""
     args.user = None
@@ -951,7 +960,7 @@ def main(argv=None) -> list[dict]:
             **common,
             task_map=c.info.get("task_map", args.task_map),
             client_map=(c.info.get("client_map", args.client_map) if fed else None),
-            conv_impl=c.info.get("conv_impl"),
+            conv_impl=c.info.get("conv_impl") or _user_conv_impl(args),
             steps_per_call=c.info.get("per_call", c.steps_per_call),
             tasks_per_step=tasks_per_step,
             tasks_per_s=(tasks_per_step / (med / 1e3)) if med else None,

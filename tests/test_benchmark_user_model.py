@@ -225,3 +225,23 @@ def test_help_documents_the_protocol(throughput):
         assert word in text
     for field in throughput.UserModel._fields:
         assert f"``{field}``" in text
+
+
+def test_a_flax_adapter_model_reports_its_conv_impl(throughput, capsys, tmp_path):
+    """A provider whose model is ``fmljax.from_linen(...)`` reports the conv_impl the adapter
+    resolved (``conv_impl='lax'`` asked for here, so the answer is known on any backend)."""
+    provider = tmp_path / "linen_provider.py"
+    provider.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})\n"
+        "import jax.numpy as jnp, fmljax, models_example as ex\n\n"
+        "def provider():\n"
+        "    p = ex.tiny_cnn()\n"
+        "    m = fmljax.from_linen(ex.SmallCNN(ways=2, features=4), jnp.zeros((2, 8, 8, 1)),\n"
+        "                          conv_impl='lax')\n"
+        "    return dict(p, model=m, loss_fn=fmljax.cross_entropy_loss(m.apply))\n"
+    )
+    argv = ["--workload=meta-step", f"--model={provider}:provider", "--method=fomaml", *TINY]
+    records = throughput.main(argv)
+    capsys.readouterr()
+    assert [r["conv_impl"] for r in records] == ["lax"]
