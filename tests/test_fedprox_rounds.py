@@ -178,3 +178,21 @@ def test_registry_is_a_mapping_of_names_with_fedprox():
     family, method = fmljax.ALGORITHMS["fedprox"]
     assert (family, method) == ("fedavg", None)
     assert fmljax.ALGORITHMS["perfedavg-hf"] == ("meta", "hf-fd")
+
+
+def test_fedprox_runs_through_train_with_algorithm_options(tmp_path):
+    from helpers import tiny_sinusoid_config
+
+    from fmljax import train
+
+    config = tiny_sinusoid_config(
+        algorithm="fedprox", eval_inner_steps=0, server_optimizer="sgd", server_lr=1.0
+    )
+    config.algorithm_options = {"mu": 0.01}
+    train.validate_config(config)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary is not None
+    bad = tiny_sinusoid_config(algorithm="fedprox", eval_inner_steps=0)
+    bad.algorithm_options = {"mu": -1.0}
+    with pytest.raises(ValueError, match="mu=-1.0 is invalid"):
+        train.train_and_evaluate(bad, str(tmp_path / "bad"))
