@@ -42,7 +42,7 @@ def no_compile(monkeypatch):
 
 
 STATIC = [  # (field overrides, the message); all raised by validate_config, before any data
-    (dict(algorithm="fedprox"), "config.algorithm='fedprox' is invalid: must be one"),
+    (dict(algorithm="scaffold"), "config.algorithm='scaffold' is invalid: must be one"),
     (dict(task="cifar"), "config.task='cifar' is invalid: must be one of"),
     (dict(model="resnet"), "config.model='resnet' is invalid: must be one of ('mlp', 'conv4'"),
     (dict(local_lr=0.0), "config.local_lr=0.0 is invalid: must be a finite number > 0"),

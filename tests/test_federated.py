@@ -293,8 +293,8 @@ def test_bad_config_is_named_before_compiling(kwargs, message):
 
 def test_unknown_algorithm_and_too_many_clients():
     _, loss, params, data, sampler = _setup(jnp.float32)
-    with pytest.raises(ValueError, match="algorithm='fedprox' is not one of"):
-        fmljax.build("fedprox", loss, sampler, _config())
+    with pytest.raises(ValueError, match="algorithm='scaffold' is not one of"):
+        fmljax.build("scaffold", loss, sampler, _config())
     alg = fmljax.build("fedavg", loss, sampler, _config(clients_per_round=NUM_CLIENTS + 1))
     with pytest.raises(ValueError, match="clients_per_round=6 is invalid: must be <= the number"):
         alg.update(alg.init(params), jax.random.key(0), data)

@@ -33,6 +33,11 @@ SETUPS = {
     "perfedavg-hf": PER_FEDAVG,
     "perfedavg-so": PER_FEDAVG,
     "fedreptile": ({"local_lr": 1.0, "inner_steps": 5}, optax.sgd(1.0), {}),
+    "fedprox": (
+        {"local_steps": 5, "local_lr": 0.01},
+        optax.sgd(1.0),
+        {"fine_tune": True, "mu": 0.01},
+    ),
 }
 
 

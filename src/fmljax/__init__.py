@@ -5,7 +5,19 @@ networks as pure functions of PyTrees (:mod:`fmljax.meta`), and FedAvg, FedMeta,
 FedReptile as one-jit rounds (:mod:`fmljax.federated`).
 """
 
-from fmljax import convs, data, federated, losses, mapping, meta, models, samplers, sharding
+from fmljax import (
+    algorithms,
+    convs,
+    data,
+    federated,
+    losses,
+    mapping,
+    meta,
+    models,
+    rounds,
+    samplers,
+    sharding,
+)
 from fmljax.convs import batched_convs
 from fmljax.federated import (
     ALGORITHMS,
@@ -18,6 +30,7 @@ from fmljax.federated import (
     fedmeta,
     fedreptile,
     perfedavg,
+    register_algorithm,
     scan_rounds,
 )
 from fmljax.losses import classification_metrics, cross_entropy_loss, mse_loss, regression_metrics
@@ -54,6 +67,7 @@ __all__ = [
     "ServerState",
     "SplitSampler",
     "adapt",
+    "algorithms",
     "batched_convs",
     "build",
     "classification_metrics",
@@ -80,7 +94,9 @@ __all__ = [
     "prototypical_logits",
     "prototypical_loss",
     "prototypical_metrics",
+    "register_algorithm",
     "regression_metrics",
+    "rounds",
     "samplers",
     "scan_rounds",
     "sharding",

@@ -12,6 +12,14 @@ Algorithms (each a configuration of one round function):
   product on an independent batch) and exact second-order meta-gradients.
 * ``fedreptile``: Reptile as the server step (Jiang, Konecny, Rush & Kannan, 2019, "Improving
   Federated Learning Personalization via Model Agnostic Meta Learning").
+* ``fedprox``: FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks",
+  MLSys): FedAvg's client with the proximal term ``(mu / 2) ||w - w_t||^2``,
+  ``build("fedprox", ..., mu=0.01)``; ``mu=0`` (the default) is FedAvg.
+
+Each algorithm is an :class:`fmljax.rounds.AlgorithmSpec` of pure parts (client update,
+aggregation, server optimiser, personalisation) made by a builder in
+:mod:`fmljax.algorithms` (one file each); :func:`fmljax.rounds.assemble` is the round around
+them; :func:`register_algorithm` adds a user's algorithm to :data:`ALGORITHMS`.
 
 One round, ``update(state, key, data) -> (state, metrics)``:
 
@@ -89,18 +97,29 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmljax.mapping import map_over, validate_map_mode
-from fmljax.meta import adapt, meta_gradient
-from fmljax.samplers import check_heldout_evaluation, evaluation_sampler
+from fmljax import algorithms as _algs
+from fmljax.mapping import validate_map_mode
+from fmljax.rounds import (
+    AlgorithmSpec,
+    ClientSharding,
+    FederatedAlgorithm,
+    Personalization,
+    ServerState,
+    assemble,
+    client_weights,
+    merge_batches,
+    scan_rounds,
+)
+from fmljax.samplers import evaluation_sampler
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -111,8 +130,11 @@ TaskSampler = Callable[[jax.Array, Any], tuple[Batch, Batch]]
 __all__ = [
     "ALGORITHMS",
     "WEIGHTINGS",
+    "AlgorithmEntry",
+    "AlgorithmSpec",
     "ClientSharding",
     "FederatedAlgorithm",
+    "Personalization",
     "RoundConfig",
     "ServerState",
     "build",
@@ -122,20 +144,95 @@ __all__ = [
     "fedreptile",
     "merge_batches",
     "perfedavg",
+    "register_algorithm",
     "scan_rounds",
 ]
 
-# name -> (client rule, meta_gradient method or None)
-ALGORITHMS: dict[str, tuple[str, str | None]] = {
-    "fedavg": ("fedavg", None),
-    "fedmeta-maml": ("meta", "maml"),
-    "fedmeta-fomaml": ("meta", "fomaml"),
-    "fedmeta-metasgd": ("meta", "meta-sgd"),
-    "perfedavg-fo": ("meta", "fomaml"),
-    "perfedavg-hf": ("meta", "hf-fd"),
-    "perfedavg-so": ("meta", "maml"),
-    "fedreptile": ("reptile", "reptile"),
+
+class AlgorithmEntry(tuple):
+    """A registered algorithm: the pair ``(family, method)`` (so ``family, method =
+    ALGORITHMS[name]`` unpacks as before) with its ``builder`` as an attribute.
+
+    ``family``: 'fedavg' (local SGD on the client's data: FedAvg, FedProx), 'meta' (local
+    steps on per-task meta-gradients), 'reptile', or a user's label ('custom' by default);
+    ``method``: the :func:`fmljax.meta.meta_gradient` method, or None.
+    """
+
+    builder: Callable[..., AlgorithmSpec]
+
+    def __new__(cls, family: str, method: str | None, builder: Callable[..., AlgorithmSpec]):
+        entry = super().__new__(cls, (family, method))
+        entry.builder = builder
+        return entry
+
+    @property
+    def family(self) -> str:
+        return self[0]
+
+    @property
+    def method(self) -> str | None:
+        return self[1]
+
+
+#: name -> :class:`AlgorithmEntry` ``(family, method)`` with ``.builder``; the registry that
+#: :func:`build`, :func:`register_algorithm` and ``fmljax.train`` read.
+ALGORITHMS: dict[str, AlgorithmEntry] = {
+    "fedavg": AlgorithmEntry("fedavg", None, _algs.fedavg.build),
+    "fedmeta-maml": AlgorithmEntry("meta", "maml", _algs.fedmeta.builder("fedmeta-maml", "maml")),
+    "fedmeta-fomaml": AlgorithmEntry(
+        "meta", "fomaml", _algs.fedmeta.builder("fedmeta-fomaml", "fomaml")
+    ),
+    "fedmeta-metasgd": AlgorithmEntry(
+        "meta", "meta-sgd", _algs.fedmeta.builder("fedmeta-metasgd", "meta-sgd")
+    ),
+    "perfedavg-fo": AlgorithmEntry("meta", "fomaml", _algs.perfedavg.builder_of("fo")),
+    "perfedavg-hf": AlgorithmEntry("meta", "hf-fd", _algs.perfedavg.builder_of("hf")),
+    "perfedavg-so": AlgorithmEntry("meta", "maml", _algs.perfedavg.builder_of("so")),
+    "fedreptile": AlgorithmEntry("reptile", "reptile", _algs.fedreptile.build),
+    "fedprox": AlgorithmEntry("fedavg", None, _algs.fedprox.build),
 }
+_BUILTIN = frozenset(ALGORITHMS)
+
+
+def register_algorithm(
+    name: str,
+    builder: Callable[..., AlgorithmSpec],
+    *,
+    family: str = "custom",
+    method: str | None = None,
+    overwrite: bool = False,
+) -> Callable[..., AlgorithmSpec]:
+    """Register a federated algorithm under ``name``; ``fmljax.build(name, ...)`` (and so
+    ``fmljax.train`` and ``experiments/main.py``) then runs it like a built-in.
+
+    ``builder(loss_fn, sample_task, config, **options) -> fmljax.rounds.AlgorithmSpec`` is
+    called by :func:`build` once per build, with ``config`` the validated RoundConfig (NumPy
+    scalars made Python numbers) and ``options`` the keyword arguments of ``build`` that are
+    not its own (the algorithm's hyperparameters, e.g. FedProx's ``mu``), plus
+    ``fine_tune=True`` and ``adapt_mask=...`` only when given; a keyword the builder does not
+    take is a ValueError of ``build`` naming it. Build the parts from
+    :mod:`fmljax.rounds` (``local_steps``, ``sgd_personalization``, ``weighted_average``) or
+    reuse an algorithm's (e.g. ``fmljax.algorithms.fedavg.local_sgd_client``).
+
+    ``family`` / ``method``: the entry's ``ALGORITHMS[name]`` pair (descriptive).
+    ``overwrite``: replace an earlier user registration (built-ins cannot be replaced).
+    Returns ``builder``.
+    """
+    if not isinstance(name, str) or not name.strip() or name != name.strip() or "," in name:
+        raise ValueError(
+            f"register_algorithm: name={name!r} is invalid: must be a non-empty str without "
+            "surrounding spaces or commas"
+        )
+    if not callable(builder):
+        raise ValueError(f"register_algorithm: builder={builder!r} is invalid: must be callable")
+    if name in _BUILTIN:
+        raise ValueError(f"register_algorithm: name={name!r} is a built-in algorithm")
+    if name in ALGORITHMS and not overwrite:
+        raise ValueError(
+            f"register_algorithm: name={name!r} is already registered; pass overwrite=True"
+        )
+    ALGORITHMS[name] = AlgorithmEntry(str(family), method, builder)
+    return builder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,85 +396,6 @@ def _is_finite_real(v: Any) -> bool:
         return False
 
 
-class ServerState(NamedTuple):
-    """The server's state between rounds."""
-
-    params: Params  # the meta-model; for Meta-SGD {'params': theta, 'inner_lr': alpha}
-    opt_state: optax.OptState  # the server optimiser's state
-    round: jax.Array  # [] int32, rounds completed
-
-
-class FederatedAlgorithm(NamedTuple):
-    """``init(params) -> state``; ``update(state, key, data) -> (state, metrics)``;
-    ``evaluate(state, key, data) -> per-client metrics [C]``; ``personalize(meta_params,
-    support) -> params``; ``eval_sample_task``: the sampler ``evaluate`` draws its (support,
-    query) tasks with (see ``build``'s ``eval_sample_task``)."""
-
-    name: str
-    config: RoundConfig
-    init: Callable[[Params], ServerState]
-    update: Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]]
-    evaluate: Callable[[ServerState, jax.Array, Any], dict[str, jax.Array]]
-    personalize: Callable[[Params, Batch], Params]
-    eval_sample_task: TaskSampler | None = None  # the sampler ``evaluate`` uses
-
-
-class ClientSharding(NamedTuple):
-    """How the round lays out its sampled clients; made by :func:`fmljax.sharding.client_sharding`.
-
-    ``multiple``: the M sampled clients are padded with masked clients to a multiple of it
-    (the number of devices along the mesh's client axis). ``constrain``: applied to every
-    PyTree whose leading axis is the (padded) client axis, e.g. a
-    ``jax.lax.with_sharding_constraint`` that shards that axis over the devices.
-    """
-
-    multiple: int
-    constrain: Callable[[Any], Any]
-
-
-def merge_batches(a: Batch, b: Batch) -> Batch:
-    """Concatenate two batches along the example axis (FedAvg and Reptile train on both)."""
-    return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), dict(a), dict(b))
-
-
-def client_weights(data: Any, num_clients: int) -> jax.Array:
-    """Aggregation weights [C]: ``data['num_examples']`` if present, else ones; in the default
-    float dtype (float64 when x64 is enabled), whatever the data's: example counts are exact
-    in float32 up to 2**24, so the cast is exact and a float64 run normalises in float64."""
-    float_dtype = jnp.result_type(float)  # float64 when x64 is enabled, else float32
-    if isinstance(data, Mapping) and "num_examples" in data:
-        return jnp.asarray(data["num_examples"]).astype(float_dtype)
-    return jnp.ones((num_clients,), float_dtype)
-
-
-def _mean0(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
-
-
-def _all_finite_per_client(tree: Any) -> jax.Array:
-    """[M] bool: every entry of client i's slice of every leaf is finite."""
-    leaves = jax.tree.leaves(tree)
-    m = leaves[0].shape[0]
-    checks = [jnp.all(jnp.isfinite(x.reshape(m, -1)), axis=1) for x in leaves]
-    return jnp.all(jnp.stack(checks), axis=0)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
-
-
-def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def _num_clients(data: Any) -> int:
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError("data: the federated dataset has no arrays")
-    return int(leaves[0].shape[0])
-
-
 def _check_fine_tune(fine_tune: bool, config: Any, prefix: str, ft_name: str, where: str) -> None:
     """FedAvg's ``fine_tune`` and its evaluation steps must say the same thing.
 
@@ -460,8 +478,14 @@ def build(
     client_sharding: ClientSharding | None = None,
     eval_sample_task: TaskSampler | None = None,
     adapt_mask: Any = None,
+    **hyperparameters: Any,
 ) -> FederatedAlgorithm:
     """Build the federated algorithm ``name`` (a key of :data:`ALGORITHMS`).
+
+    The algorithm's parts come from its registered builder (:func:`register_algorithm`,
+    :mod:`fmljax.algorithms`); the round around them from :func:`fmljax.rounds.assemble`.
+    ``**hyperparameters`` go to the builder (FedProx: ``mu=0.01``); a keyword the algorithm
+    does not take is a ValueError.
 
     Held-out evaluation by construction: ``evaluate`` draws its tasks with
     ``eval_sample_task`` if given; else with ``sample_task.evaluation`` when ``sample_task``
@@ -503,18 +527,15 @@ def build(
         name, loss_fn, sample_task, config, server_optimizer, metrics_fn, eval_sample_task
     )
     config.validate(name)
-    rule, method = ALGORITHMS[name]
-    if rule in ("meta", "reptile") and config.inner_steps < 1:
-        raise ValueError(
-            f"{name}: RoundConfig.inner_steps={config.inner_steps} is invalid: must be an int "
-            ">= 1 for a meta-learning algorithm"
-        )
     if not isinstance(fine_tune, bool | np.bool_):
         raise ValueError(f"{name}: fine_tune={fine_tune!r} is invalid: must be True or False")
-    if fine_tune and name != "fedavg":
-        raise ValueError(f"{name}: fine_tune=True is only for 'fedavg' (the others adapt)")
-    if name == "fedavg":
-        _check_fine_tune(bool(fine_tune), config, "RoundConfig.", "fine_tune", name)
+    builder = ALGORITHMS[name].builder
+    options = dict(hyperparameters)
+    if fine_tune:
+        options["fine_tune"] = True
+    if adapt_mask is not None:
+        options["adapt_mask"] = adapt_mask
+    _check_options(name, builder, options)
     if client_sharding is not None:
         if not isinstance(client_sharding, ClientSharding):
             raise ValueError(
@@ -538,268 +559,63 @@ def build(
             )
         client_sharding = client_sharding._replace(multiple=int(mult))
     config = config._normalized()
-    pad_multiple = 1 if client_sharding is None else client_sharding.multiple
-    constrain = (lambda t: t) if client_sharding is None else client_sharding.constrain
-    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    metrics_fn = metrics_fn or (lambda p, b: {"loss": loss_fn(p, b)})
-    cfg = config
-    is_metasgd = method == "meta-sgd"
-    if name == "fedavg" and not fine_tune:
-        eval_steps = 0  # plain FedAvg: the global model (eval_inner_steps is None or 0)
-    elif cfg.eval_inner_steps is not None:
-        eval_steps = cfg.eval_inner_steps
-    else:
-        eval_steps = cfg.inner_steps
-    eval_task, guard_eval = evaluation_sampler(sample_task, eval_sample_task)
-    more_steps = sorted(int(k) for k in cfg.eval_more_steps)
-    if more_steps and more_steps[0] <= eval_steps:
+    spec = builder(loss_fn, sample_task, config, **options)
+    if not isinstance(spec, AlgorithmSpec):
         raise ValueError(
-            f"{name}: RoundConfig.eval_more_steps={tuple(cfg.eval_more_steps)!r} is invalid: "
-            f"every count must be > the evaluation steps ({eval_steps})"
+            f"{name}: the registered builder returned {type(spec).__name__}, not a "
+            "fmljax.rounds.AlgorithmSpec"
         )
-
-    same_task = getattr(sample_task, "same_task", None) or getattr(
-        getattr(sample_task, "train", None), "same_task", None
+    eval_task, guard_eval = evaluation_sampler(sample_task, eval_sample_task)
+    return assemble(
+        name,
+        spec,
+        config,
+        loss_fn=loss_fn,
+        metrics_fn=metrics_fn,
+        server_optimizer=server_optimizer,
+        sample_task=sample_task,
+        eval_task=eval_task,
+        guard_eval=guard_eval,
+        client_sharding=client_sharding,
     )
 
-    def split_meta(meta_params: Params) -> tuple[Params, Any]:
-        if is_metasgd:
-            return meta_params["params"], meta_params["inner_lr"]
-        return meta_params, cfg.inner_lr
 
-    # ---- per-task (meta-)gradient of one client's local step --------------------------------
-    def task_gradient(meta_params: Params, task_key: jax.Array, client: Any):
-        support, query = sample_task(task_key, client)
-        if rule == "reptile":
-            batch = merge_batches(support, query)
-            return meta_gradient(
-                loss_fn,
-                meta_params,
-                batch,
-                batch,
-                inner_lr=cfg.inner_lr,
-                inner_steps=cfg.inner_steps,
-                method="reptile",
-                remat=cfg.remat,
-                adapt_mask=adapt_mask,
-            )
-        params, lr = split_meta(meta_params)
-        hessian_batch = None
-        if method == "hf-fd":  # D'': an independent batch of the same task
-            other = jax.random.fold_in(task_key, 1)
-            if same_task is not None:
-                hessian_batch = same_task(task_key, other, client)[0]
-            else:
-                hessian_batch = sample_task(other, client)[0]
-        loss, grads = meta_gradient(
-            loss_fn,
-            params,
-            support,
-            query,
-            inner_lr=lr,
-            inner_steps=cfg.inner_steps,
-            method=method,
-            hessian_batch=hessian_batch,
-            fd_delta=cfg.fd_delta,
-            remat=cfg.remat,
-            adapt_mask=adapt_mask,
-        )
-        if is_metasgd:
-            grads = {"params": grads[0], "inner_lr": grads[1]}
-        return loss, grads
-
-    # ---- one client's round -----------------------------------------------------------------
-    mask_steps = cfg.straggler_prob > 0  # static: the default round has no step masks
-
-    def masked(s: jax.Array, steps: jax.Array, new: Params, old: Params) -> Params:
-        return _select(s < steps, new, old) if mask_steps else new
-
-    def mean_loss(losses: jax.Array, steps: jax.Array) -> jax.Array:
-        if not mask_steps:
-            return jnp.mean(losses)
-        done = jnp.arange(cfg.local_steps) < steps
-        return jnp.sum(jnp.where(done, losses, 0)) / steps.astype(losses.dtype)
-
-    def client_update(meta_params: Params, client_key: jax.Array, client: Any, steps: jax.Array):
-        """Returns (delta = start - end, mean query loss over the ``steps`` <= S steps done)."""
-        if rule == "fedavg":
-            task_keys = jax.random.split(jax.random.fold_in(client_key, 0), cfg.tasks_per_client)
-            tasks = map_over(
-                lambda k: merge_batches(*sample_task(k, client)),
-                task_keys,
-                cfg.task_map,
-                cfg.task_chunk,
-            )  # [T, K + Q, ...]
-            batch_loss = lambda p: jnp.mean(
-                map_over(lambda b: loss_fn(p, b), tasks, cfg.task_map, cfg.task_chunk)
-            )
-
-            def sgd_step(p, s):
-                loss, g = jax.value_and_grad(batch_loss)(p)
-                new = jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g)
-                return masked(s, steps, new, p), loss
-
-            end, losses = jax.lax.scan(sgd_step, meta_params, jnp.arange(cfg.local_steps))
-        else:
-
-            def local_step(p, s):
-                task_keys = jax.random.split(
-                    jax.random.fold_in(client_key, s), cfg.tasks_per_client
-                )
-                losses, grads = map_over(
-                    lambda k: task_gradient(p, k, client), task_keys, cfg.task_map, cfg.task_chunk
-                )
-                g = _mean0(grads)
-                new = jax.tree.map(lambda a, b: a - cfg.local_lr * b, p, g)
-                return masked(s, steps, new, p), jnp.mean(losses)
-
-            end, losses = jax.lax.scan(local_step, meta_params, jnp.arange(cfg.local_steps))
-        delta = jax.tree.map(jnp.subtract, meta_params, end)
-        return delta, mean_loss(losses, steps)
-
-    # ---- the round ----------------------------------------------------------------------------
-    def init(params: Params) -> ServerState:
-        if is_metasgd:
-            meta = {
-                "params": params,
-                "inner_lr": jax.tree.map(lambda p: jnp.full_like(p, cfg.inner_lr), params),
-            }
-        else:
-            meta = params
-        return ServerState(meta, server_optimizer.init(meta), jnp.zeros((), jnp.int32))
-
-    def participation(key: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
-        """([M] bool finished the round, [M] int32 local steps done) of the sampled clients."""
-        active = jnp.ones((m,), bool)
-        steps = jnp.full((m,), cfg.local_steps, jnp.int32)
-        if cfg.dropout_prob > 0 or cfg.straggler_prob > 0:
-            k_drop, k_straggle, k_steps = jax.random.split(jax.random.fold_in(key, 2), 3)
-            if cfg.dropout_prob > 0:
-                active = ~jax.random.bernoulli(k_drop, cfg.dropout_prob, (m,))
-            if cfg.straggler_prob > 0:
-                straggler = jax.random.bernoulli(k_straggle, cfg.straggler_prob, (m,))
-                short = jax.random.randint(k_steps, (m,), 1, cfg.local_steps, jnp.int32)
-                steps = jnp.where(straggler, short, steps)
-        return active, steps
-
-    def update(state: ServerState, key: jax.Array, data: Any):
-        num_clients = _num_clients(data)
-        m = cfg.clients_per_round
-        if m > num_clients:
+def _check_options(name: str, builder: Callable[..., Any], options: dict[str, Any]) -> None:
+    """The keywords ``build`` passes on must be ones ``builder`` takes (before compiling)."""
+    try:
+        sig = inspect.signature(builder)
+    except (TypeError, ValueError):  # no signature to read: the call itself will tell
+        return
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    taken = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    for key in options:
+        if key in taken:
+            continue
+        if key == "fine_tune":
+            takers = [n for n, e in ALGORITHMS.items() if _takes(e.builder, "fine_tune")]
             raise ValueError(
-                f"{name}: RoundConfig.clients_per_round={m} is invalid: must be <= the number "
-                f"of clients in data ({num_clients})"
+                f"{name}: fine_tune=True is only for {' and '.join(map(repr, takers))} "
+                "(the others adapt)"
             )
-        k_sample, k_clients = jax.random.split(key)
-        chosen = jax.random.choice(k_sample, num_clients, (m,), replace=False)  # [M]
-        if cfg.weighting == "uniform":
-            weights = jnp.ones((m,), client_weights(data, num_clients).dtype)  # [M]
-        else:
-            weights = client_weights(data, num_clients)[chosen]  # [M]
-        client_keys = jax.random.split(k_clients, m)
-        active, steps = participation(key, m)
-        ids = chosen.astype(jnp.int32)
-        m_pad = -(-m // pad_multiple) * pad_multiple
-        if m_pad > m:  # masked copies of real clients: finite work, weight 0, never aggregated
-            copy = jnp.arange(m_pad - m) % m
-            chosen = jnp.concatenate([chosen, chosen[copy]])
-            weights = jnp.concatenate([weights, jnp.zeros((m_pad - m,), weights.dtype)])
-            client_keys = jnp.concatenate([client_keys, client_keys[copy]])
-            active = jnp.concatenate([active, jnp.zeros((m_pad - m,), bool)])
-            steps = jnp.concatenate([steps, steps[copy]])
-            ids = jnp.concatenate([ids, jnp.full((m_pad - m,), -1, jnp.int32)])
-        clients = jax.tree.map(lambda x: x[chosen], data)
-        clients, client_keys, weights, active, steps, ids = constrain(
-            (clients, client_keys, weights, active, steps, ids)
+        extra = sorted(taken - {"loss_fn", "sample_task", "config", "fine_tune", "adapt_mask"})
+        raise ValueError(
+            f"{name}: {key}={options[key]!r} is not an option of this algorithm (its "
+            f"hyperparameters: {tuple(extra)})"
+            + (
+                f"; did you mean {c[0]!r}?"
+                if (c := difflib.get_close_matches(key, extra, 1))
+                else ""
+            )
         )
-        deltas, losses = map_over(
-            lambda args: client_update(state.params, *args),
-            (client_keys, clients, steps),
-            cfg.client_map,
-            cfg.client_chunk,
-        )  # [M_pad, ...], [M_pad]
-        client_finite = _all_finite_per_client(deltas) & jnp.isfinite(losses)
-        w = jnp.where(active, weights, 0)
-        total = jnp.sum(w)
-        anyone = total > 0
-        w = w / jnp.where(anyone, total, 1)
 
-        def average(d: jax.Array) -> jax.Array:
-            live = jnp.where(active.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
-            return jnp.tensordot(w.astype(d.dtype), live, axes=1)
 
-        delta = jax.tree.map(average, deltas)
-        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.all(client_finite | ~active) & _all_finite(params) & _all_finite(opt_state)
-        apply = finite & anyone
-        new_state = ServerState(
-            _select(apply, params, state.params),
-            _select(apply, opt_state, state.opt_state),
-            jnp.where(finite, state.round + 1, state.round),
-        )
-        live_losses = jnp.where(active, losses, 0)
-        metrics = {
-            "loss": jnp.where(anyone, jnp.sum(w * live_losses), jnp.nan),
-            "update_norm": optax.tree.norm(delta),
-            "clients_finished": jnp.sum(active.astype(jnp.int32)),
-            "finite": finite,
-            "client_id": ids,  # [M_pad] the sampled clients' indices, -1 for padding
-            "client_active": active,  # [M_pad] finished the round (not dropped, not padding)
-            "client_finite": client_finite,  # [M_pad] loss and update finite
-            "client_steps": steps,  # [M_pad] local steps done
-            "client_loss": losses,  # [M_pad]
-        }
-        return new_state, metrics
-
-    # ---- personalised evaluation --------------------------------------------------------------
-    def personalize(meta_params: Params, support: Batch) -> Params:
-        """Adapt the meta-model on a client's support data only (``eval_steps`` SGD steps)."""
-        params, lr = split_meta(meta_params)
-        mask = adapt_mask if eval_steps else None
-        return adapt(loss_fn, params, support, inner_lr=lr, inner_steps=eval_steps, adapt_mask=mask)
-
-    def evaluate(state: ServerState, key: jax.Array, data: Any) -> dict[str, jax.Array]:
-        """Per-client metrics [C] on query data after adapting on support data only.
-
-        Tasks come from the evaluation sampler (``eval_sample_task``, see :func:`build`):
-        for ``federate`` data, support from each client's training examples and query = its
-        held-out examples. Keys: each metric of ``metrics_fn`` after adaptation, with suffix
-        ``_before`` at the meta-model, and with suffix ``_<k>steps`` after ``k`` adaptation
-        steps for every ``k`` in ``eval_more_steps``. Averaged over
-        ``eval_tasks_per_client`` tasks per client.
-        """
-        if guard_eval:
-            check_heldout_evaluation(f"{name}: evaluate", sample_task, data)
-        num_clients = _num_clients(data)
-        keys = jax.random.split(key, num_clients)
-        params0, lr = split_meta(state.params)
-
-        def one_client(args):
-            ckey, client = args
-
-            def one_task(tkey):
-                support, query = eval_task(tkey, client)
-                adapted = personalize(state.params, support)
-                after = metrics_fn(adapted, query)
-                before = metrics_fn(params0, query)
-                out = {**after, **{f"{k}_before": v for k, v in before.items()}}
-                done = eval_steps
-                for k in more_steps:  # keep adapting: metrics after k steps in all
-                    adapted = adapt(
-                        loss_fn, adapted, support, inner_lr=lr, inner_steps=k - done,
-                        adapt_mask=adapt_mask,
-                    )  # fmt: skip
-                    done = k
-                    out.update({f"{m}_{k}steps": v for m, v in metrics_fn(adapted, query).items()})
-                return out
-
-            tkeys = jax.random.split(ckey, cfg.eval_tasks_per_client)
-            return _mean0(map_over(one_task, tkeys, cfg.task_map, cfg.task_chunk))
-
-        return map_over(one_client, (keys, data), cfg.client_map, cfg.client_chunk)
-
-    return FederatedAlgorithm(name, cfg, init, update, evaluate, personalize, eval_task)
+def _takes(builder: Callable[..., Any], key: str) -> bool:
+    try:
+        return key in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def fedavg(
@@ -851,63 +667,3 @@ def fedreptile(
     """Reptile as the server step (Jiang et al., 2019): ``theta <- theta - server_lr * delta``."""
     kw.setdefault("server_optimizer", optax.sgd(server_lr))
     return build("fedreptile", loss_fn, sample_task, config, **kw)
-
-
-def _blank(shape: jax.ShapeDtypeStruct) -> jax.Array:
-    """The metrics of a skipped round: NaN (floats), -1 (ints), False (bools)."""
-    if jnp.issubdtype(shape.dtype, jnp.floating):
-        return jnp.full(shape.shape, jnp.nan, shape.dtype)
-    if jnp.issubdtype(shape.dtype, jnp.bool_):
-        return jnp.zeros(shape.shape, bool)
-    return jnp.full(shape.shape, -1, shape.dtype)
-
-
-def scan_rounds(
-    update: Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]],
-    num_rounds: int,
-) -> Callable[[ServerState, jax.Array, Any], tuple[ServerState, dict[str, jax.Array]]]:
-    """``num_rounds`` rounds in one ``lax.scan``: ``(state, key, data) -> (state, metrics [R])``.
-
-    Round ``r`` (counted from ``state.round``) uses the key ``fold_in(key, r)``, the same key a
-    loop of single-round calls with ``fold_in(key, state.round)`` uses, so the two agree and a
-    resumed run samples the same clients. Several rounds per compiled call keep small models
-    from being dominated by dispatch.
-
-    A rejected round (``metrics['finite']`` False: the state and its round counter are kept,
-    see :func:`build`) ends the call's work: the remaining steps are skipped (``lax.cond``;
-    nothing is computed) and leave the state as it is, so the call returns the input state of
-    the failing round, as a loop that stops at the failure would, instead of repeating the
-    same deterministic failure with the same key. Every step's metrics carry ``'skipped'``
-    (True for the steps after a rejection; their other metrics are NaN, -1 or False).
-    """
-    if not isinstance(num_rounds, int) or num_rounds < 1:
-        raise ValueError(f"scan_rounds: num_rounds={num_rounds!r} must be an int >= 1")
-
-    def run(state: ServerState, key: jax.Array, data: Any):
-        def tagged(m: Any, skipped: bool) -> Any:
-            return {**m, "skipped": jnp.asarray(skipped)} if isinstance(m, Mapping) else m
-
-        def one(s):
-            new, m = update(s, jax.random.fold_in(key, s.round), data)
-            return new, tagged(m, False)
-
-        shapes = jax.eval_shape(one, state)[1]
-
-        def skip(s):
-            return s, tagged(jax.tree.map(_blank, shapes), True)
-
-        def accepted(m: Any) -> jax.Array:
-            ok = m.get("finite", True) if isinstance(m, Mapping) else True
-            return jnp.asarray(ok, bool)
-
-        def body(carry, _):
-            s, going = carry
-            s, m = jax.lax.cond(going, one, skip, s)
-            return (s, going & accepted(m)), m
-
-        (state, _), metrics = jax.lax.scan(
-            body, (state, jnp.ones((), bool)), None, length=num_rounds
-        )
-        return state, metrics
-
-    return run

@@ -188,6 +188,7 @@ COMMON_FIELDS = (
     "server_optimizer",
     "server_lr",
     "fine_tune",
+    "algorithm_options",  # the algorithm's hyperparameters for fmljax.build, e.g. {'mu': 0.01}
     "float64",
     "hidden",
     "num_clients",
@@ -262,6 +263,15 @@ def make_server_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTr
     raise ValueError(
         f"config.server_optimizer={name!r} is invalid: must be one of {SERVER_OPTIMIZERS}"
     )
+
+
+def algorithm_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.algorithm_options`` as keyword arguments of :func:`fmljax.build` (the
+    algorithm's hyperparameters, e.g. ``{'mu': 0.01}`` for FedProx); ``{}`` when absent."""
+    options = config.get("algorithm_options", None)
+    if options is None:
+        return {}
+    return dict(options.to_dict() if hasattr(options, "to_dict") else options)
 
 
 def round_config(config: ml_collections.ConfigDict) -> RoundConfig:
@@ -355,9 +365,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if field in config:
             need(isinstance(config[field], bool), field, "True or False")
     need(
-        not config.get("fine_tune", False) or config.algorithm == "fedavg",
+        not config.get("fine_tune", False) or config.algorithm in ("fedavg", "fedprox"),
         "fine_tune",
-        "False unless config.algorithm is 'fedavg'",
+        "False unless config.algorithm is 'fedavg' or 'fedprox'",
+    )
+    options = config.get("algorithm_options", None)
+    need(
+        options is None or isinstance(options, Mapping | ml_collections.ConfigDict),
+        "algorithm_options",
+        "None or a dict of the algorithm's hyperparameters (e.g. {'mu': 0.01} for 'fedprox')",
     )
     mesh_axes = tuple(config.get("mesh_axes", (sharding.CLIENT_AXIS,)))
     client_axis = config.get("client_axis", sharding.CLIENT_AXIS)
@@ -381,10 +397,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         rc.validate()
     except ValueError as e:  # the config's own names for RoundConfig's fields
         raise ValueError(str(e).replace("RoundConfig.", "config.")) from None
-    if str(config.algorithm).strip() == "fedavg":  # a list: run_experiment checks each run
+    algorithm = str(config.algorithm).strip()
+    if algorithm in ("fedavg", "fedprox"):  # a list: run_experiment checks each run
         fine_tune = config.get("fine_tune", False)
         fmljax.federated._check_fine_tune(
-            fine_tune, rc, "config.", "config.fine_tune", "config.algorithm='fedavg'"
+            fine_tune, rc, "config.", "config.fine_tune", f"config.algorithm={algorithm!r}"
         )
     for name in str(config.algorithm).split(","):
         if ALGORITHMS[name.strip()][0] == "meta":
@@ -780,6 +797,7 @@ def _build_run(config: ml_collections.ConfigDict) -> _Run:
         fine_tune=bool(config.get("fine_tune", False)),
         eval_sample_task=setup.eval_sample_task,
         client_sharding=None if mesh is None else sharding.client_sharding(mesh, client_axis),
+        **algorithm_options(config),
     )
     k_init, k_rounds, k_eval = jax.random.split(jax.random.key(config.seed), 3)
     state = alg.init(setup.model.init(k_init))
